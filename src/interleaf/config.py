@@ -1,0 +1,188 @@
+"""Frozen, keyword-only configuration dataclasses, nested like the module tree.
+
+A :class:`FlamingoConfig` is saved as ``config.json`` beside the weights. Every field has a
+default, so a JSON file needs to name only what differs; unknown keys are errors that name
+the key and its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+Activation = Literal["gelu", "relu", "silu", "gelu_tanh"]
+Norm = Literal["layernorm", "rmsnorm"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """Which vision encoder, and which of its activations become the image features.
+
+    ``source`` is a hub id or a local directory holding an HF vision model (CLIP, SigLIP,
+    IDEFICS vision tower, or a full CLIP/SigLIP model whose vision half is used).
+    """
+
+    source: str = ""
+    layer: int = -1  # hidden-state index; -1 is the encoder's last layer
+    post_layernorm: bool = False  # apply the tower's final LayerNorm to the patch features
+    drop_cls: bool = False  # drop the class token (OpenFlamingo keeps only patch tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResamplerConfig:
+    """Perceiver resampler: learned latents cross-attend to [patch features; latents]."""
+
+    enabled: bool = True  # IDEFICS' use_resampler=False feeds patch features directly
+    depth: int = 6
+    num_latents: int = 64
+    heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    ff_dim: int = 0  # >0 overrides ff_mult * dim
+    activation: Activation = "gelu"
+    qk_norm: bool = False  # LayerNorm on per-head q and k (IDEFICS qk_layer_norms_perceiver)
+    max_media: int = 0  # >0 adds a learned embedding per media position (OpenFlamingo)
+    max_frames: int = 0  # >0 adds a learned embedding per video frame
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossAttentionConfig:
+    """Gated cross-attention blocks inserted before decoder layers ``i`` with
+    ``i % interval == offset`` (OpenFlamingo: offset = interval - 1; IDEFICS: offset 0)."""
+
+    interval: int = 1
+    offset: int = 0
+    heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    ff_dim: int = 0  # >0 overrides ff_mult * dim (IDEFICS: the LM's intermediate size)
+    activation: Activation = "gelu"
+    gated_ff: bool = False  # SwiGLU-style feed-forward (IDEFICS) instead of a plain MLP
+    norm: Norm = "layernorm"
+    qk_norm: Norm | None = None  # norm over the head dim of q and k (IDEFICS qk_layer_norms)
+    gate: Literal["scalar", "vector"] = "scalar"
+    media_attention: Literal["last", "all"] = "last"  # which earlier images a token sees
+    reset_at_eos: bool = False  # packed documents: EOS ends the reach of earlier images
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMConfig:
+    """Which causal LM, where its decoder layers are, how new tokens get embeddings."""
+
+    source: str = ""
+    layers_path: str | None = None  # dotted path to the decoder-layer ModuleList; found if None
+    new_token_embeddings: Literal["decoupled", "resize"] = "decoupled"
+    added_tokens: tuple[str, ...] = ()  # recorded at first build: tokens the LM has no row for
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainableConfig:
+    """The one trainability policy, applied at construction (see ``model.trainable``)."""
+
+    resampler: bool = True
+    cross_attention: bool = True
+    new_token_embeddings: bool = True
+    vision: bool = False
+    lm: bool = False  # unfreeze the whole LM
+    lm_patterns: tuple[str, ...] = ()  # or only LM parameters whose name matches a glob
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokensConfig:
+    """Special tokens and how an image is written into the text."""
+
+    image: str = "<image>"
+    end_of_chunk: str = "<|endofchunk|>"
+    pad: str = "<PAD>"  # added only when the tokenizer has no pad token
+    image_prompt: str = "<image>"  # IDEFICS: <fake_token_around_image><image><fake_token_around_image>
+    extra: tuple[str, ...] = ()  # further special tokens the prompt format uses
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlamingoConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlamingoConfig:
+        return from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FlamingoConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read a Flamingo config: {e}") from None
+        return from_dict(cls, data, where=str(path))
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
+    """Build dataclass ``cls`` from nested plain data, checking keys and types.
+
+    Errors name the offending path, e.g. ``config.json: resampler.depth: expected int, got 'x'``.
+    """
+    return _coerce(cls, data, where, "")
+
+
+def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
+    name = path or "<root>"
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {name}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"{where}: {name}: unknown key {unknown[0]!r} (known: {sorted(fields)})")
+        kwargs = {k: _coerce(hints[k], v, where, f"{path}.{k}" if path else k) for k, v in value.items()}
+        return tp(**kwargs)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: {name}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where, path)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: {name}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where, f"{name}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: {name}: expected {tp.__name__}, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {name}")

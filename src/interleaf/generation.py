@@ -1,0 +1,304 @@
+"""The one decoding loop: greedy, temperature / top-k / top-p sampling, and beam search,
+with streaming. Used by the CLI, the server and the evaluation harness.
+
+Per call, the images are encoded and every cross-attention block's keys/values are
+projected once (``Flamingo.prepare_media``); each step then runs the LM on the new token
+only, with the LM's KV cache. ``use_cache=False`` recomputes everything at every step
+(images included): the reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam scores are sum(logprob) / length ** length_penalty
+    stop_at_eos: bool = True
+    stop_at_end_of_chunk: bool = True
+    stop_strings: tuple[str, ...] = ()
+    use_cache: bool = True
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (not (self.do_sample and self.num_beams > 1), "sampling with beams is not supported"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"generation: {message}")
+
+
+def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values=None, **kwargs) -> Tensor:
+    """Generate from a batch of prompts. Returns the new tokens only, (B, T_new), padded
+    with the pad id after each sequence's end; the stop token that ended it is included."""
+    cfg = GenerationConfig(**_as_tuple_stop_strings(kwargs))
+    last_step = deque(_decode(model, input_ids, attention_mask, pixel_values, cfg), maxlen=1)
+    return last_step[0].result()
+
+
+def stream(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values=None, **kwargs
+) -> Iterator[str]:
+    """Yield the text of one prompt's continuation piece by piece, as it is generated."""
+    cfg = GenerationConfig(**_as_tuple_stop_strings(kwargs))
+    if input_ids.shape[0] != 1 or cfg.num_beams != 1:
+        raise ValueError("streaming takes one prompt and num_beams=1")
+    emitted, text = "", ""
+    for search in _decode(model, input_ids, attention_mask, pixel_values, cfg):
+        text = model.tokenizer.decode(search.tokens[0], skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # maybe an incomplete UTF-8 character: wait for the rest
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    if len(text) > len(emitted):
+        yield text[len(emitted) :]
+
+
+def _as_tuple_stop_strings(kwargs: dict) -> dict:
+    if isinstance(kwargs.get("stop_strings"), str):
+        kwargs["stop_strings"] = (kwargs["stop_strings"],)
+    elif "stop_strings" in kwargs:
+        kwargs["stop_strings"] = tuple(kwargs["stop_strings"])
+    return kwargs
+
+
+def _decode(model, input_ids, attention_mask, pixel_values, cfg: GenerationConfig):
+    """The loop. Yields the search after every step."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    stop = _StopRule(model, cfg)
+    search = (
+        _BeamSearch(cfg, input_ids.shape[0], stop, model.ids.pad)
+        if cfg.num_beams > 1
+        else _Sampler(cfg, input_ids.shape[0], stop, model.ids.pad, input_ids.device)
+    )
+    session = _Session(model, input_ids, attention_mask, pixel_values, cfg.num_beams, cfg.use_cache)
+    for step in range(cfg.max_new_tokens):
+        logprobs = session.next_logprobs()
+        if step < cfg.min_new_tokens:
+            logprobs[:, stop.token_ids] = float("-inf")
+        tokens, reorder = search.step(logprobs)
+        yield search
+        if search.done:
+            return
+        session.append(tokens, reorder)
+
+
+class _StopRule:
+    """Whether a sequence ends with its latest token: EOS, <|endofchunk|> or a stop string."""
+
+    def __init__(self, model, cfg: GenerationConfig):
+        ids = []
+        if cfg.stop_at_eos and model.ids.eos is not None:
+            ids.append(model.ids.eos)
+        if cfg.stop_at_end_of_chunk:
+            ids.append(model.ids.end_of_chunk)
+        self.token_ids = ids
+        self.strings = cfg.stop_strings
+        self.tokenizer = model.tokenizer
+
+    def __call__(self, generated: list[int]) -> bool:
+        if generated and generated[-1] in self.token_ids:
+            return True
+        if not self.strings:
+            return False
+        text = self.tokenizer.decode(generated[-32:], skip_special_tokens=False)
+        return any(s in text for s in self.strings)
+
+
+class _Session:
+    """The model side of decoding: prompt, media, LM cache; rows = batch x beams."""
+
+    def __init__(self, model, input_ids, attention_mask, pixel_values, copies: int, use_cache: bool):
+        self.model = model
+        self.use_cache = use_cache
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(copies)
+        self.history = input_ids[rows]
+        self.mask = attention_mask[rows]
+        self.pixel_values = None if pixel_values is None else pixel_values[rows]
+        self.media = model.prepare_media(self.history, self.pixel_values) if use_cache else None
+        self.past = None
+
+    def next_logprobs(self) -> Tensor:
+        """(rows, V) log-probabilities of the next token, float32."""
+        model = self.model
+        if self.use_cache:
+            new = self.history if self.past is None else self.history[:, -1:]
+            out = model.step(
+                new,
+                history_ids=self.history,
+                attention_mask=self.mask,
+                media=self.media,
+                past_key_values=self.past,
+                use_cache=True,
+            )
+            self.past = out.past_key_values
+        else:
+            media = model.prepare_media(self.history, self.pixel_values)
+            out = model.step(self.history, history_ids=self.history, attention_mask=self.mask, media=media)
+        logits = model.language_model.logits(out.last_hidden_state[:, -1])
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def append(self, tokens: Tensor, reorder: Tensor | None) -> None:
+        if reorder is not None:
+            # Beams are reordered within their own sample, so the media rows stay valid.
+            self.history, self.mask = self.history[reorder], self.mask[reorder]
+            if self.past is not None:
+                self.past.reorder_cache(reorder)
+        self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+
+
+@dataclass
+class _Sampler:
+    """Greedy decoding or sampling: one row per prompt."""
+
+    cfg: GenerationConfig
+    batch: int
+    stop: _StopRule
+    pad: int
+    device: torch.device
+    tokens: list[list[int]] = field(init=False)
+    finished: list[bool] = field(init=False)
+
+    def __post_init__(self):
+        self.tokens = [[] for _ in range(self.batch)]
+        self.finished = [False] * self.batch
+        self.generator = None
+        if self.cfg.do_sample and self.cfg.seed is not None:
+            self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    def step(self, logprobs: Tensor) -> tuple[Tensor, None]:
+        chosen = self._choose(logprobs)
+        chosen[torch.tensor(self.finished, device=chosen.device)] = self.pad
+        for row, token in enumerate(chosen.tolist()):
+            if not self.finished[row]:
+                self.tokens[row].append(token)
+                self.finished[row] = self.stop(self.tokens[row])
+        return chosen, None
+
+    def _choose(self, logprobs: Tensor) -> Tensor:
+        if not self.cfg.do_sample:
+            return logprobs.argmax(-1)
+        logits = logprobs / self.cfg.temperature
+        if self.cfg.top_k:
+            kth = logits.topk(min(self.cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.cfg.top_p < 1:
+            logits = _top_p(logits, self.cfg.top_p)
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)[:, 0]
+
+    def result(self) -> Tensor:
+        return _pad(self.tokens, self.pad, self.device)
+
+
+def _top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (nucleus)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above
+    sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+class _BeamSearch:
+    """Beam search with length-normalised final scores; a hypothesis ends at a stop token."""
+
+    def __init__(self, cfg: GenerationConfig, batch: int, stop: _StopRule, pad: int):
+        self.cfg, self.batch, self.stop, self.pad = cfg, batch, stop, pad
+        self.k = cfg.num_beams
+        self.beams: list[list[int]] = [[] for _ in range(batch * self.k)]
+        self.scores: Tensor | None = None
+        self.hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        self.sample_done = [False] * batch
+        self.steps = 0
+
+    @property
+    def done(self) -> bool:
+        return all(self.sample_done)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return self.beams
+
+    def _normalised(self, score: float, length: int) -> float:
+        return score / (length**self.cfg.length_penalty)
+
+    def step(self, logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        k, vocab = self.k, logprobs.shape[-1]
+        if self.scores is None:  # all beams start equal: keep only the first alive
+            self.scores = torch.full((self.batch, k), float("-inf"), device=logprobs.device)
+            self.scores[:, 0] = 0
+        self.steps += 1
+        candidates = (self.scores[..., None] + logprobs.view(self.batch, k, vocab)).view(self.batch, k * vocab)
+        top_scores, top_ids = candidates.topk(2 * k, dim=-1)
+        next_tokens = torch.full((self.batch * k,), self.pad, dtype=torch.long, device=logprobs.device)
+        reorder = torch.arange(self.batch * k, device=logprobs.device)
+        new_scores = torch.full_like(self.scores, float("-inf"))
+        new_beams = [list(b) for b in self.beams]
+        for b in range(self.batch):
+            if self.sample_done[b]:
+                continue
+            filled = 0
+            for score, flat in zip(top_scores[b].tolist(), top_ids[b].tolist()):
+                beam, token = divmod(flat, vocab)
+                seq = self.beams[b * k + beam] + [token]
+                if self.stop(seq):
+                    self._add_hyp(b, score, seq)
+                    continue
+                row = b * k + filled
+                next_tokens[row], reorder[row], new_scores[b, filled] = token, b * k + beam, score
+                new_beams[row] = seq
+                filled += 1
+                if filled == k:
+                    break
+            best_running = new_scores[b].max().item()
+            worst_kept = min(s for s, _ in self.hyps[b]) if len(self.hyps[b]) == k else float("-inf")
+            if worst_kept >= self._normalised(best_running, self.steps):
+                self.sample_done[b] = True
+        self.beams, self.scores = new_beams, new_scores
+        if self.steps == self.cfg.max_new_tokens:
+            for b in range(self.batch):
+                for j in range(k):
+                    if not self.sample_done[b] and new_scores[b, j] > float("-inf"):
+                        self._add_hyp(b, new_scores[b, j].item(), new_beams[b * k + j])
+                self.sample_done[b] = True
+        return next_tokens, reorder
+
+    def _add_hyp(self, b: int, score: float, seq: list[int]) -> None:
+        self.hyps[b].append((self._normalised(score, len(seq)), seq))
+        self.hyps[b].sort(key=lambda h: -h[0])
+        del self.hyps[b][self.k :]
+
+    def result(self) -> Tensor:
+        best = [max(h, key=lambda x: x[0])[1] if h else [] for h in self.hyps]
+        return _pad(best, self.pad, self.scores.device if self.scores is not None else None)
+
+
+def _pad(seqs: list[list[int]], pad: int, device) -> Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)

@@ -1,0 +1,239 @@
+"""Flamingo: a frozen vision encoder, a Perceiver resampler, and gated cross-attention
+inserted into a frozen causal LM. The whole forward reads top to bottom in this file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from interleaf.config import FlamingoConfig
+from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext, find_decoder_layers
+from interleaf.model.masks import IGNORE_INDEX, cross_attention_mask, position_ids
+from interleaf.model.resampler import build_resampler
+from interleaf.model.trainable import apply_trainable
+from interleaf.model.vision import VisionEncoder, load_tower
+from interleaf.model.xattn import GatedCrossAttentionBlock, MediaKV
+from interleaf.tokens import prepare_tokenizer, token_ids
+
+
+@dataclass
+class FlamingoOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    past_key_values: object | None = None
+
+
+@dataclass(frozen=True)
+class Media:
+    """The images of a batch, encoded once: each block's keys/values and the image count N."""
+
+    kv: list[MediaKV]
+    count: int
+
+    def select(self, index: Tensor) -> Media:
+        """Rows ``index`` of the batch (beam expansion, reordering)."""
+        return Media([MediaKV(kv.k[index], kv.v[index]) for kv in self.kv], self.count)
+
+
+class Flamingo(nn.Module):
+    def __init__(self, config: FlamingoConfig, *, lm: nn.Module, vision_tower: nn.Module, tokenizer):
+        super().__init__()
+        added = prepare_tokenizer(tokenizer, config.tokens)
+        config = dataclasses.replace(
+            config, lm=dataclasses.replace(config.lm, added_tokens=config.lm.added_tokens or added)
+        )
+        self.config = config
+        self.tokenizer = tokenizer
+        self.ids = token_ids(tokenizer, config.tokens)
+
+        self.vision = VisionEncoder(vision_tower, config.vision)
+        self.resampler = build_resampler(self.vision.dim, config.resampler)
+        xcfg = config.cross_attention
+        _, layers = find_decoder_layers(lm, config.lm.layers_path)
+        layer_indices = [i for i in range(len(layers)) if i % xcfg.interval == xcfg.offset]
+        if not layer_indices:
+            raise ValueError(
+                f"cross_attention interval={xcfg.interval}, offset={xcfg.offset} selects none of {len(layers)} layers"
+            )
+        hidden = lm.config.hidden_size
+        blocks = [GatedCrossAttentionBlock(hidden, self.vision.dim, xcfg) for _ in layer_indices]
+        lm_vocab = lm.get_input_embeddings().num_embeddings
+        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in config.lm.added_tokens]
+        self.language_model = LanguageModel(
+            lm,
+            blocks,
+            layer_indices,
+            vocab_size=len(tokenizer),
+            new_token_start=min([lm_vocab, *new_ids]),
+            decoupled=config.lm.new_token_embeddings == "decoupled",
+            layers_path=config.lm.layers_path,
+        )
+        self.trainable_names = apply_trainable(self, config.trainable)
+
+    # -- construction and checkpoints ------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: FlamingoConfig, **lm_kwargs) -> Flamingo:
+        """Build from pretrained backbones named by ``config.lm.source`` / ``config.vision.source``.
+
+        Like ``from_pretrained``, returns the model in eval mode (dropout off)."""
+        from interleaf.checkpoint import load_lm_and_tokenizer
+
+        lm, tokenizer = load_lm_and_tokenizer(config.lm.source, **lm_kwargs)
+        return cls(config, lm=lm, vision_tower=load_tower(config.vision.source), tokenizer=tokenizer).eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Flamingo:
+        """Load an interleaf checkpoint from a directory or hub id, in eval mode."""
+        from interleaf.checkpoint import load_flamingo
+
+        return load_flamingo(path, **kwargs)
+
+    def save_pretrained(self, path: str | Path, *, trainable_only: bool = False) -> None:
+        from interleaf.checkpoint import save_flamingo
+
+        save_flamingo(self, path, trainable_only=trainable_only)
+
+    @property
+    def blocks(self) -> list[GatedCrossAttentionBlock]:
+        return [m.xattn for m in self.language_model.modules() if isinstance(m, CrossAttentionDecoderLayer)]
+
+    # -- the forward pass ------------------------------------------------------------------
+
+    def encode_images(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor | None:
+        """(B, N, L, D) resampled latents of each sample's real images, None if there are none.
+
+        A sample's real images are its first ``count(<image> in input_ids)`` slots of
+        ``pixel_values`` (B, N_max, C, H, W) or, for video, (B, N_max, F, C, H, W); padding
+        slots never reach the vision encoder.
+        """
+        counts = (input_ids == self.ids.image).sum(-1)
+        n_max = int(counts.max()) if counts.numel() else 0
+        if n_max == 0:
+            return None
+        if pixel_values is None:
+            raise ValueError(f"input_ids hold {int(counts.sum())} <image> tokens but no pixel_values were given")
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values[:, :, None]
+        if pixel_values.ndim != 6:
+            raise ValueError(
+                f"pixel_values must be (B, N, C, H, W) or (B, N, F, C, H, W), got {tuple(pixel_values.shape)}"
+            )
+        batch, slots = pixel_values.shape[:2]
+        if batch != input_ids.shape[0] or n_max > slots:
+            sample = int((counts > slots).nonzero()[0]) if n_max > slots else 0
+            raise ValueError(
+                f"pixel_values {tuple(pixel_values.shape)} do not match input_ids {tuple(input_ids.shape)}: "
+                f"sample {sample} has {int(counts[sample])} <image> tokens for {slots} image slots"
+            )
+        real = torch.arange(n_max, device=input_ids.device) < counts[:, None]  # (B, n_max)
+        pixels = pixel_values[:, :n_max][real]  # (n, F, C, H, W)
+        n, frames = pixels.shape[:2]
+        features = self.vision(pixels.flatten(0, 1).to(self.dtype))  # (n F, P, D)
+        features = features.unflatten(0, (n, frames))  # (n, F, P, D)
+        if self.resampler is not None:
+            position = torch.arange(n_max, device=input_ids.device).expand_as(real)[real]
+            latents = self.resampler(features, position)  # (n, L, D)
+        else:
+            latents = features.flatten(1, 2)  # (n, F P, D)
+        media = latents.new_zeros(batch, n_max, *latents.shape[1:])
+        media[real] = latents
+        return media
+
+    def prepare_media(self, input_ids: Tensor, pixel_values: Tensor | None) -> Media | None:
+        """Encode the images and project every block's keys/values, once."""
+        latents = self.encode_images(input_ids, pixel_values)
+        if latents is None:
+            return None
+        return Media([block.project_media(latents) for block in self.blocks], latents.shape[1])
+
+    def visible_media(self, history_ids: Tensor, media: Media | None, new_tokens: int) -> Tensor | None:
+        """(B, new_tokens, N) which images the last ``new_tokens`` tokens may see."""
+        if media is None:
+            return None
+        xcfg = self.config.cross_attention
+        mask = cross_attention_mask(
+            history_ids,
+            self.ids.image,
+            media.count,
+            mode=xcfg.media_attention,
+            eos_token_id=self.ids.eos if xcfg.reset_at_eos else None,
+        )
+        return mask[:, -new_tokens:]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        z_loss_weight: float = 0.0,
+    ) -> FlamingoOutput:
+        """Logits over the tokenizer's vocabulary (new tokens included) and, with ``labels``
+        ((B, T), -100 where ignored; see ``masks.flamingo_labels``), the next-token loss."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        media = self.prepare_media(input_ids, pixel_values)
+        out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=media)
+        logits = self.language_model.logits(out.last_hidden_state)
+        loss = None if labels is None else next_token_loss(logits, labels, z_loss_weight)
+        return FlamingoOutput(logits=logits, loss=loss)
+
+    def step(
+        self,
+        input_ids: Tensor,
+        *,
+        history_ids: Tensor,
+        attention_mask: Tensor,
+        media: Media | None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ):
+        """Run the LM on ``input_ids`` (the last tokens of ``history_ids``), with the LM's
+        KV cache ``past_key_values`` holding the earlier ones. ``attention_mask`` covers the
+        whole history. Returns the LM's output (``last_hidden_state``, ``past_key_values``)."""
+        new = input_ids.shape[1]
+        context = MediaContext(
+            kv=media.kv if media is not None else None,
+            visible=self.visible_media(history_ids, media, new),
+        )
+        return self.language_model(
+            input_ids,
+            media=context,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask)[:, -new:],
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values=None, **kwargs) -> Tensor:
+        """Generated token ids (B, T_new), prompt excluded; see ``interleaf.generation.generate``."""
+        from interleaf.generation import generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, **kwargs)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def next_token_loss(logits: Tensor, labels: Tensor, z_loss_weight: float = 0.0) -> Tensor:
+    """Mean cross-entropy of predicting token t+1 at t, over labels != -100; optionally plus
+    ``z_loss_weight * mean(logsumexp(logits)^2)`` (the z-loss of PaLM / IDEFICS)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+    if z_loss_weight:
+        valid = target != IGNORE_INDEX
+        loss = loss + z_loss_weight * torch.logsumexp(logits[valid], dim=-1).pow(2).mean()
+    return loss

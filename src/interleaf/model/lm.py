@@ -1,0 +1,204 @@
+"""Language-model adapter: cross-attention inserted into any HF causal LM, and the
+embeddings of the tokens the LM does not know.
+
+The decoder-layer list is found (or named by ``LMConfig.layers_path``) and selected layers
+are replaced by a :class:`CrossAttentionDecoderLayer` that owns the original layer and a
+gated cross-attention block. No ``__class__`` is swapped and no layer stores image
+features: the media of one call reach the blocks as a keyword argument of the LM's forward
+(llama, mistral, qwen2, gpt2, gpt_neox, opt, ... pass ``**kwargs`` down to every layer), and,
+for LMs that drop extra keywords on the way (MPT), through a context variable set for
+exactly the duration of that call. The keyword wins where both arrive: it survives
+activation-checkpoint recomputation, which runs outside the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from interleaf.model.xattn import GatedCrossAttentionBlock, MediaKV
+
+
+@dataclass(frozen=True)
+class MediaContext:
+    """What the cross-attention blocks need for one LM call.
+
+    kv: per block (in layer order), the projected keys/values of all images, or None for a
+    text-only batch; visible: (B, T, N) which images each current token may attend to.
+    """
+
+    kv: list[MediaKV] | None
+    visible: Tensor | None
+
+
+_CURRENT_MEDIA: contextvars.ContextVar[MediaContext | None] = contextvars.ContextVar("media", default=None)
+
+
+class CrossAttentionDecoderLayer(nn.Module):
+    """A decoder layer preceded by a gated cross-attention block."""
+
+    def __init__(self, xattn: GatedCrossAttentionBlock, decoder_layer: nn.Module, index: int):
+        super().__init__()
+        self.xattn = xattn
+        self.decoder_layer = decoder_layer
+        self.index = index  # which entry of MediaContext.kv belongs to this block
+
+    def forward(self, hidden_states: Tensor, *args, media: MediaContext | None = None, **kwargs):
+        media = media if media is not None else _CURRENT_MEDIA.get()
+        if media is None:
+            raise RuntimeError("cross-attention layer called without media: call the LM through Flamingo")
+        kv = media.kv[self.index] if media.kv is not None else None
+        hidden_states = self.xattn(hidden_states, kv, media.visible)
+        return self.decoder_layer(hidden_states, *args, **kwargs)
+
+
+def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer ModuleList: at ``path`` if given, else the only ModuleList whose
+    length is the LM config's number of hidden layers."""
+    if path is not None:
+        try:
+            layers = lm.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"lm.layers_path={path!r} does not exist in {type(lm).__name__}") from None
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"lm.layers_path={path!r} is a {type(layers).__name__}, not a ModuleList")
+        return path, layers
+    n_layers = getattr(lm.config, "num_hidden_layers", None)
+    found = [
+        (name, m)
+        for name, m in lm.named_modules()
+        if isinstance(m, nn.ModuleList) and (n_layers is None or len(m) == n_layers)
+    ]
+    if len(found) != 1:
+        names = [name for name, _ in found] or "none"
+        raise ValueError(
+            f"cannot locate the decoder layers of {type(lm).__name__} (candidates: {names}); "
+            "name them with lm.layers_path, e.g. 'model.layers'"
+        )
+    return found[0]
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params
+
+
+def accepts_var_kwargs(fn: Callable) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+class LanguageModel(nn.Module):
+    """An HF causal LM with cross-attention blocks and embeddings for new tokens.
+
+    ``vocab_size`` is the tokenizer's length; logits always have that many columns.
+    Tokens with ids >= ``new_token_start`` get their rows from ``extra_embed`` /
+    ``extra_head`` (decoupled, IDEFICS-style) when ``decoupled`` is set; otherwise the LM's
+    embeddings are resized to cover them.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        blocks: list[GatedCrossAttentionBlock],
+        layer_indices: list[int],
+        *,
+        vocab_size: int,
+        new_token_start: int,
+        decoupled: bool,
+        layers_path: str | None = None,
+    ):
+        super().__init__()
+        self.lm = lm
+        self.vocab_size = vocab_size
+        self.new_token_start = new_token_start
+        path, layers = find_decoder_layers(lm, layers_path)
+        self.layers_path = path
+        for index, (layer_idx, block) in enumerate(zip(layer_indices, blocks)):
+            layers[layer_idx] = CrossAttentionDecoderLayer(block, layers[layer_idx], index)
+        forward = self.base.forward
+        self._media_by_kwarg = accepts_var_kwargs(forward)
+        self._takes_position_ids = accepts(forward, "position_ids")
+        n_new = vocab_size - new_token_start
+        self.decoupled = decoupled
+        self.extra_embed = self.extra_head = None
+        if decoupled and n_new > 0:
+            self.extra_embed, self.extra_head = _new_rows(lm, new_token_start, n_new)
+        elif not decoupled and lm.get_input_embeddings().num_embeddings < vocab_size:
+            lm.resize_token_embeddings(vocab_size)
+
+    @property
+    def base(self) -> nn.Module:
+        return self.lm.base_model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm.get_input_embeddings().embedding_dim
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        table = self.lm.get_input_embeddings()
+        if self.extra_embed is None:
+            return table(input_ids)
+        is_new = input_ids >= self.new_token_start
+        base = table(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
+        extra = self.extra_embed((input_ids - self.new_token_start).clamp(min=0))
+        return torch.where(is_new[..., None], extra, base)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        head = self.lm.get_output_embeddings()
+        if self.extra_head is None:
+            return head(hidden)[..., : self.vocab_size]
+        return torch.cat([head(hidden)[..., : self.new_token_start], self.extra_head(hidden)], dim=-1)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        media: MediaContext,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ):
+        """Returns the base model's output (``last_hidden_state``, ``past_key_values``)."""
+        kwargs = dict(
+            inputs_embeds=self.embed(input_ids),
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        if self._takes_position_ids and position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if self._media_by_kwarg:
+            kwargs["media"] = media
+        with media_scope(media):
+            return self.base(**kwargs)
+
+
+@contextlib.contextmanager
+def media_scope(media: MediaContext):
+    """Make ``media`` visible to the cross-attention layers for one LM call only."""
+    token = _CURRENT_MEDIA.set(media)
+    try:
+        yield
+    finally:
+        _CURRENT_MEDIA.reset(token)
+
+
+def _new_rows(lm: nn.Module, start: int, n_new: int) -> tuple[nn.Embedding, nn.Linear]:
+    """Decoupled embeddings for the new tokens, initialised at the mean of the LM's rows."""
+    table = lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings().weight
+    if start > table.shape[0]:
+        raise ValueError(f"new tokens start at id {start} but the LM has only {table.shape[0]} embeddings")
+    embed = nn.Embedding(n_new, table.shape[1])
+    out = nn.Linear(head.shape[1], n_new, bias=False)
+    with torch.no_grad():
+        embed.weight.copy_(table[:start].float().mean(0).expand_as(embed.weight))
+        out.weight.copy_(head[:start].float().mean(0).expand_as(out.weight))
+    return embed, out

@@ -1,0 +1,91 @@
+"""Vision encoder adapter: any tower with the HF ViT layout
+(``embeddings``, optional ``pre_layrnorm``, ``encoder.layers``, ``post_layernorm``), which
+covers ``CLIPVisionModel``, ``SiglipVisionModel`` and IDEFICS' vision transformer."""
+
+from __future__ import annotations
+
+import importlib
+
+import transformers
+from torch import Tensor, nn
+
+from interleaf.config import VisionConfig
+
+# Towers that the Auto classes do not know: model_type -> (module, config class, model class).
+_EXTRA_TOWERS = {
+    "idefics_vision": ("transformers.models.idefics.vision", "IdeficsVisionConfig", "IdeficsVisionTransformer")
+}
+# Full two-tower models whose vision half is used.
+_VISION_HALF = {"clip": "vision_model", "siglip": "vision_model"}
+
+
+class VisionEncoder(nn.Module):
+    """Returns per-image patch features (n, P, D) from pixel values (n, C, H, W)."""
+
+    def __init__(self, tower: nn.Module, cfg: VisionConfig):
+        super().__init__()
+        for part in ("embeddings", "encoder", "post_layernorm"):
+            if not hasattr(tower, part):
+                raise ValueError(
+                    f"vision tower {type(tower).__name__} has no '{part}': expected the HF ViT layout "
+                    "(CLIPVisionModel, SiglipVisionModel, IdeficsVisionTransformer)"
+                )
+        self.tower = tower
+        self.cfg = cfg
+        layers = tower.encoder.layers
+        if not -len(layers) <= cfg.layer < len(layers):
+            raise ValueError(f"vision.layer={cfg.layer} is out of range for a tower of {len(layers)} layers")
+        self._layer = layers[cfg.layer]
+
+    @property
+    def dim(self) -> int:
+        return self.tower.post_layernorm.normalized_shape[0]
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        captured: list[Tensor] = []
+
+        def keep(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._layer.register_forward_hook(keep)
+        try:
+            self.tower(pixel_values=pixel_values)
+        finally:
+            handle.remove()
+        features = captured[-1]
+        if self.cfg.post_layernorm:
+            features = self.tower.post_layernorm(features)
+        if self.cfg.drop_cls:
+            features = features[:, 1:]
+        return features
+
+
+def tower_from_config(config: transformers.PreTrainedConfig) -> nn.Module:
+    """An untrained tower of the architecture ``config`` describes (weights are loaded after)."""
+    if config.model_type in _EXTRA_TOWERS:
+        module, _, model_class = _EXTRA_TOWERS[config.model_type]
+        return getattr(importlib.import_module(module), model_class)(config)
+    model = transformers.AutoModel.from_config(config)
+    return getattr(model, _VISION_HALF[config.model_type]) if config.model_type in _VISION_HALF else model
+
+
+def tower_config_from_dict(data: dict) -> transformers.PreTrainedConfig:
+    """The HF config of a tower from its ``to_dict()`` form (as saved in checkpoints)."""
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if model_type in _EXTRA_TOWERS:
+        module, config_class, _ = _EXTRA_TOWERS[model_type]
+        return getattr(importlib.import_module(module), config_class)(**data)
+    return transformers.AutoConfig.for_model(model_type, **data)
+
+
+def load_tower(source: str) -> nn.Module:
+    """Load a pretrained tower from a hub id or a local directory."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a vision encoder from {source!r}: {e}") from None
+    if config.model_type in _VISION_HALF:
+        model = transformers.AutoModel.from_pretrained(source)
+        return getattr(model, _VISION_HALF[config.model_type])
+    return transformers.AutoModel.from_pretrained(source)

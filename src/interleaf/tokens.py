@@ -1,0 +1,50 @@
+"""Special tokens: adding them to a tokenizer once, and resolving their ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import AddedToken
+
+from interleaf.config import TokensConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenIds:
+    image: int
+    end_of_chunk: int
+    pad: int
+    eos: int | None
+    bos: int | None
+
+
+def prepare_tokenizer(tokenizer, tokens: TokensConfig) -> tuple[str, ...]:
+    """Add the special tokens the tokenizer lacks; return those added, in id order.
+
+    ``<image>`` and ``<|endofchunk|>`` (and any ``tokens.extra``) become additional special
+    tokens; a pad token is added only when the tokenizer has none.
+    """
+    before = len(tokenizer)
+    wanted = [tokens.image, tokens.end_of_chunk, *tokens.extra]
+    vocab = tokenizer.get_vocab()
+    missing = [AddedToken(t, special=True, normalized=False) for t in wanted if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": tokens.pad})
+    added = sorted((t for t, i in tokenizer.get_vocab().items() if i >= before), key=tokenizer.convert_tokens_to_ids)
+    return tuple(added)
+
+
+def token_ids(tokenizer, tokens: TokensConfig) -> TokenIds:
+    vocab = tokenizer.get_vocab()
+    for name in (tokens.image, tokens.end_of_chunk):
+        if name not in vocab:
+            raise ValueError(f"the tokenizer has no {name!r} token; build the processor with prepare_tokenizer")
+    return TokenIds(
+        image=vocab[tokens.image],
+        end_of_chunk=vocab[tokens.end_of_chunk],
+        pad=tokenizer.pad_token_id,
+        eos=tokenizer.eos_token_id,
+        bos=tokenizer.bos_token_id,
+    )

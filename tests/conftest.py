@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny backbones written to disk once per session, never a hub."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+import transformers
+
+from interleaf import Flamingo, FlamingoConfig
+from interleaf.config import CrossAttentionConfig, LMConfig, ResamplerConfig, VisionConfig
+from interleaf.tiny import LM_FAMILIES, build_lm, build_tokenizer, build_vision
+
+transformers.utils.logging.disable_progress_bar()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory):
+    """Directory factory: ``backbones("lm", family)`` / ``backbones("vision", kind)``."""
+    root = tmp_path_factory.mktemp("backbones")
+    built = {}
+
+    def get(what: str, name: str):
+        key = (what, name)
+        if key not in built:
+            target = root / f"{what}-{name}"
+            if what == "lm":
+                build_lm(target, name, tokenizer=build_tokenizer())
+            elif what == "vision":
+                build_vision(target, name)
+            else:
+                raise ValueError(what)
+            built[key] = str(target)
+        return built[key]
+
+    return get
+
+
+def tiny_config(backbones, family: str = "llama", vision_kind: str = "clip", **overrides) -> FlamingoConfig:
+    parts = dict(
+        lm=LMConfig(source=backbones("lm", family)),
+        vision=VisionConfig(source=backbones("vision", vision_kind)),
+        resampler=ResamplerConfig(depth=2, num_latents=4, heads=2, head_dim=8, max_media=4),
+        cross_attention=CrossAttentionConfig(heads=2, head_dim=8, interval=2),
+    )
+    parts.update(overrides)
+    return FlamingoConfig(**parts)
+
+
+def open_gates(model, attn: float = 1.0, ff: float = 0.5, seed: int = 0) -> None:
+    """Non-zero gates (and random alphas) so the images matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn_gate.copy_(attn + 0.1 * torch.randn(block.attn_gate.shape, generator=g))
+            block.ff_gate.copy_(ff + 0.1 * torch.randn(block.ff_gate.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def families():
+    return LM_FAMILIES
+
+
+@pytest.fixture
+def make_model(backbones):
+    def make(family: str = "llama", vision_kind: str = "clip", gates: bool = True, **overrides):
+        torch.manual_seed(0)
+        model = Flamingo.from_config(tiny_config(backbones, family, vision_kind, **overrides))
+        if gates:
+            open_gates(model)
+        return model
+
+    return make
+
+
+def encode(model, texts, *, padding_side: str = "left", images_per_sample: int | None = None, seed: int = 0):
+    """Tokenize ``texts`` (with literal <image> tokens) and draw random pixel values."""
+    tok = model.tokenizer
+    tok.padding_side = padding_side
+    batch = tok(texts, return_tensors="pt", padding=True)
+    counts = (batch.input_ids == model.ids.image).sum(-1)
+    n = images_per_sample or max(int(counts.max()), 1)
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(len(texts), n, 3, 32, 32, generator=g)
+    return batch.input_ids, batch.attention_mask, pixels
+
+
+TEXTS = [
+    "<image>a photo of a red circle<|endofchunk|><image>two green squares",
+    "what is this? <image> a cat",
+    "text only, no image here",
+]

@@ -1,0 +1,211 @@
+import pytest
+import torch
+import transformers
+
+from conftest import TEXTS, encode, open_gates, tiny_config
+from interleaf import Flamingo
+from interleaf.config import CrossAttentionConfig, LMConfig, ResamplerConfig, TrainableConfig, VisionConfig
+from interleaf.model.masks import flamingo_labels, position_ids
+from interleaf.tiny import LM_FAMILIES, build_lm, build_tokenizer
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_zero_gates_equal_the_bare_lm(make_model, backbones, family):
+    model = make_model(family, gates=False)
+    ids, mask, pixels = encode(model, TEXTS, padding_side="right")
+    ours = model(ids, mask, pixels).logits
+    bare = transformers.AutoModelForCausalLM.from_pretrained(backbones("lm", family)).eval()
+    kwargs = dict(inputs_embeds=model.language_model.embed(ids), attention_mask=mask)
+    if model.language_model._takes_position_ids:
+        kwargs["position_ids"] = position_ids(mask)
+    with torch.no_grad():
+        ref = bare(**kwargs).logits
+    start = model.language_model.new_token_start
+    real = mask.bool()
+    assert ours.shape[-1] == len(model.tokenizer)
+    assert (ours[..., :start][real] - ref[..., :start][real]).abs().max() <= 1e-6
+    # and on plain text, token ids straight into the bare LM
+    text = model.tokenizer(["a small green square at the top left"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (model(text).logits[..., :start] - bare(input_ids=text).logits[..., :start]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["last", "all"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_image_only_changes_logits_after_it(make_model, family, mode):
+    model = make_model(family, cross_attention=CrossAttentionConfig(heads=2, head_dim=8, media_attention=mode))
+    text = "a cat <image> sits on the grass <image> and sleeps now"
+    ids, mask, pixels = encode(model, [text])
+    first, second = (ids[0] == model.ids.image).nonzero()[:, 0].tolist()
+    base = model(ids, mask, pixels).logits
+    for k, pos in ((0, first), (1, second)):
+        changed = pixels.clone()
+        changed[0, k] = torch.randn_like(changed[0, k])
+        out = model(ids, mask, changed).logits
+        assert torch.equal(out[0, :pos], base[0, :pos]), f"image {k} leaked before its position"
+        assert (out[0, pos:] - base[0, pos:]).abs().max() > 1e-4
+
+
+def test_padding_images_never_reach_the_vision_encoder(make_model):
+    model = make_model()
+    ids, mask, pixels = encode(model, TEXTS, images_per_sample=3)
+    reference = model(ids, mask, pixels).logits
+    calls = []
+    handle = model.vision.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    poisoned = pixels.clone()
+    counts = (ids == model.ids.image).sum(-1)
+    for b, n in enumerate(counts.tolist()):
+        poisoned[b, n:] = float("nan")
+    out = model(ids, mask, poisoned).logits
+    handle.remove()
+    assert torch.equal(out, reference)
+    assert calls == [int(counts.sum())]
+
+
+def test_a_sample_alone_equals_it_in_a_batch(make_model):
+    model = make_model()
+    ids, mask, pixels = encode(model, TEXTS)
+    batched = model(ids, mask, pixels).logits
+    for i, text in enumerate(TEXTS):
+        one_ids, one_mask, _ = encode(model, [text])
+        n = int((one_ids == model.ids.image).sum())
+        alone = model(one_ids, one_mask, pixels[i : i + 1, : max(n, 1)]).logits
+        real = mask[i].bool()
+        assert torch.allclose(batched[i, real], alone[0], atol=1e-5)
+
+
+def test_text_only_and_bad_pixel_values(make_model):
+    model = make_model()
+    ids, mask, _ = encode(model, ["only text"])
+    assert model(ids, mask).logits.shape[:2] == ids.shape
+    ids, mask, pixels = encode(model, TEXTS[:1])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(ids, mask)
+    with pytest.raises(ValueError, match="sample 0 has 2 <image> tokens for 1 image slots"):
+        model(ids, mask, pixels[:, :1])
+    with pytest.raises(ValueError, match=r"must be \(B, N, C, H, W\)"):
+        model(ids, mask, pixels[0])
+
+
+def test_video_frames_and_no_resampler(make_model):
+    model = make_model(resampler=ResamplerConfig(depth=1, num_latents=4, heads=2, head_dim=8, max_frames=3))
+    ids, mask, pixels = encode(model, TEXTS[1:2])
+    frames = torch.randn(1, 1, 3, 3, 32, 32)
+    logits = model(ids, mask, frames).logits
+    assert not torch.allclose(logits, model(ids, mask, frames.flip(2)).logits)
+    direct = make_model(resampler=ResamplerConfig(enabled=False))
+    assert direct.resampler is None
+    out = direct(ids, mask, pixels).logits
+    assert torch.isfinite(out).all()
+
+
+def test_cross_attention_placement(make_model):
+    def placed(**kw):
+        model = make_model(gates=False, cross_attention=CrossAttentionConfig(heads=2, head_dim=8, **kw))
+        layers = model.language_model.lm.get_submodule(model.language_model.layers_path)
+        return [i for i, layer in enumerate(layers) if hasattr(layer, "xattn")]
+
+    assert placed(interval=1) == [0, 1, 2, 3]
+    assert placed(interval=2, offset=1) == [1, 3]  # OpenFlamingo: every n-th, counting from 1
+    assert placed(interval=2) == [0, 2]  # IDEFICS
+    with pytest.raises(ValueError, match="selects none"):
+        placed(interval=8, offset=5)
+
+
+def test_layers_path(make_model, backbones):
+    model = make_model("gpt2", gates=False, lm=LMConfig(source=backbones("lm", "gpt2"), layers_path="transformer.h"))
+    assert model.language_model.layers_path == "transformer.h"
+    with pytest.raises(ValueError, match="'transformer.nope' does not exist"):
+        make_model("gpt2", lm=LMConfig(source=backbones("lm", "gpt2"), layers_path="transformer.nope"))
+
+
+def test_vision_variants(make_model, backbones):
+    for vision in (
+        VisionConfig(source=backbones("vision", "siglip"), post_layernorm=True),
+        VisionConfig(source=backbones("vision", "clip"), layer=-2, drop_cls=True),
+    ):
+        model = make_model(vision=vision)
+        features = model.vision(torch.randn(2, 3, 32, 32))
+        patches = 16 if (vision.drop_cls or "siglip" in vision.source) else 17
+        assert features.shape == (2, patches, 32)
+    with pytest.raises(ValueError, match="vision.layer=5 is out of range"):
+        make_model(vision=VisionConfig(source=backbones("vision", "clip"), layer=5))
+
+
+def test_idefics_vision_tower_layout(backbones):
+    from transformers.models.idefics.vision import IdeficsVisionConfig, IdeficsVisionTransformer
+
+    from interleaf.checkpoint import load_lm_and_tokenizer
+
+    tower = IdeficsVisionTransformer(
+        IdeficsVisionConfig(
+            embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        )
+    )
+    lm, tok = load_lm_and_tokenizer(backbones("lm", "llama"))
+    model = Flamingo(tiny_config(backbones), lm=lm, vision_tower=tower, tokenizer=tok).eval()
+    open_gates(model)
+    ids, mask, pixels = encode(model, TEXTS)
+    assert model.vision(pixels[:, 0]).shape == (3, 17, 32)
+    assert torch.isfinite(model(ids, mask, pixels).logits).all()
+
+
+def test_trainable_policy(make_model, backbones):
+    model = make_model()
+    names = model.trainable_names
+    assert names and all(n.startswith(("resampler.", "language_model.extra_")) or ".xattn." in n for n in names)
+    assert any(n.startswith("resampler.") for n in names) and any(".xattn." in n for n in names)
+    assert "language_model.extra_embed.weight" in names and "language_model.extra_head.weight" in names
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    lm = model.language_model.lm
+    frozen = [p for n, p in lm.named_parameters() if ".xattn." not in n]
+    assert not any(p.requires_grad for p in frozen)
+    assert model.num_trainable_parameters() == sum(p.numel() for n, p in model.named_parameters() if n in names)
+
+    resized = make_model(lm=LMConfig(source=backbones("lm", "llama"), new_token_embeddings="resize"))
+    assert resized.language_model.extra_embed is None
+    emb = resized.language_model.lm.get_input_embeddings().weight
+    assert emb.shape[0] == len(resized.tokenizer) and emb.requires_grad
+
+    everything = make_model(trainable=TrainableConfig(lm=True, vision=True))
+    assert all(p.requires_grad for p in everything.parameters())
+
+    some = make_model(trainable=TrainableConfig(lm_patterns=("model.norm.*",)))
+    lm_names = {n for n in some.trainable_names if n.startswith("language_model.lm.") and ".xattn." not in n}
+    assert lm_names == {"language_model.lm.model.norm.weight"}
+
+
+def test_overfits_a_few_interleaved_examples_moving_only_trainable_parameters(make_model, tmp_path):
+    # A random LM with the usual 0.02 init has logits too flat to fit anything; 0.3 stands in
+    # for a pretrained LM whose head can express confident predictions.
+    lm_dir = build_lm(tmp_path / "lm", "llama", tokenizer=build_tokenizer(), initializer_range=0.3)
+    model = make_model("llama", gates=False, lm=LMConfig(source=str(lm_dir))).train()
+    ids, mask, pixels = encode(model, TEXTS, seed=1)
+    labels = flamingo_labels(ids, mask, image_token_id=model.ids.image, end_of_chunk_id=model.ids.end_of_chunk)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        loss = model(ids, mask, pixels, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())
+    moved = [n for n, p in trainable.items() if not torch.equal(after[n], p)]
+    assert any(".attn_gate" in n for n in moved) and any(n.startswith("resampler.") for n in moved)
+
+
+def test_z_loss_adds_to_the_loss(make_model):
+    model = make_model()
+    ids, mask, pixels = encode(model, TEXTS)
+    labels = flamingo_labels(ids, mask, image_token_id=model.ids.image, end_of_chunk_id=model.ids.end_of_chunk)
+    plain = model(ids, mask, pixels, labels=labels)
+    with_z = model(ids, mask, pixels, labels=labels, z_loss_weight=1e-3)
+    logits = plain.logits[:, :-1]
+    valid = labels[:, 1:] != -100
+    expected = plain.loss + 1e-3 * torch.logsumexp(logits[valid], -1).pow(2).mean()
+    assert torch.allclose(with_z.loss, expected)
