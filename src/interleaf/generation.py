@@ -138,6 +138,8 @@ class _Session:
         self.pixel_values = None if pixel_values is None else pixel_values[rows]
         self.media = model.prepare_media(self.history, self.pixel_values) if use_cache else None
         self.past = None
+        # An <image> with no image behind it, or padding, is never a valid continuation.
+        self.banned = sorted({model.ids.image, model.ids.pad} - {model.ids.eos})
 
     def next_logprobs(self) -> Tensor:
         """(rows, V) log-probabilities of the next token, float32."""
@@ -156,8 +158,9 @@ class _Session:
         else:
             media = model.prepare_media(self.history, self.pixel_values)
             out = model.step(self.history, history_ids=self.history, attention_mask=self.mask, media=media)
-        logits = model.language_model.logits(out.last_hidden_state[:, -1])
-        return torch.log_softmax(logits.float(), dim=-1)
+        logits = model.language_model.logits(out.last_hidden_state[:, -1]).float()
+        logits[:, self.banned] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
 
     def append(self, tokens: Tensor, reorder: Tensor | None) -> None:
         if reorder is not None:

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from conftest import TEXTS, encode, open_gates
+from interleaf import Flamingo, FlamingoConfig
+from interleaf.checkpoint import WEIGHTS
+from interleaf.config import ResamplerConfig
+
+
+def logits(model):
+    ids, mask, pixels = encode(model, TEXTS)
+    with torch.no_grad():
+        return model(ids, mask, pixels).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mpt"])
+def test_full_round_trip_gives_identical_logits(make_model, tmp_path, family):
+    model = make_model(family)
+    model.save_pretrained(tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert {"config.json", "model.safetensors", "lm_config.json", "vision_config.json", "tokenizer.json"} <= set(files)
+    loaded = Flamingo.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.config == model.config
+    assert loaded.trainable_names == model.trainable_names
+
+
+def test_trainable_only_checkpoint_references_backbones(make_model, tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "small", trainable_only=True)
+    small = (tmp_path / "small" / WEIGHTS).stat().st_size
+    assert small < (tmp_path / "full" / WEIGHTS).stat().st_size
+    loaded = Flamingo.from_pretrained(tmp_path / "small")
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_trainable_only_needs_named_backbones(make_model, backbones, tmp_path):
+    from interleaf.checkpoint import load_lm_and_tokenizer
+    from interleaf.model.vision import load_tower
+
+    model = make_model()
+    lm, tok = load_lm_and_tokenizer(backbones("lm", "llama"))
+    anonymous = Flamingo(FlamingoConfig(), lm=lm, vision_tower=load_tower(backbones("vision", "clip")), tokenizer=tok)
+    with pytest.raises(ValueError, match="config.lm.source is empty"):
+        anonymous.save_pretrained(tmp_path / "x", trainable_only=True)
+    anonymous.save_pretrained(tmp_path / "y")  # a full checkpoint is self-contained
+    assert Flamingo.from_pretrained(tmp_path / "y").config.lm.source == ""
+    del model
+
+
+def test_truncated_weights_are_a_clear_error(make_model, tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.safetensors: corrupt or unreadable weights"):
+        Flamingo.from_pretrained(tmp_path / "ckpt")
+
+
+def test_missing_files_and_paths(make_model, tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json is missing"):
+        Flamingo.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="neither a local directory nor a downloadable hub repo"):
+        Flamingo.from_pretrained(tmp_path / "does-not-exist")
+
+
+def edit_config(path, **changes):
+    data = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_mismatched_checkpoint_names_the_keys(make_model, tmp_path):
+    make_model().save_pretrained(tmp_path / "ckpt")
+    edit_config(tmp_path / "ckpt" / "config.json", resampler__depth=3)
+    with pytest.raises(ValueError, match=r"missing key\(s\): resampler\.layers\.2\."):
+        Flamingo.from_pretrained(tmp_path / "ckpt")
+    edit_config(tmp_path / "ckpt" / "config.json", resampler__depth=1)
+    with pytest.raises(ValueError, match=r"unexpected key\(s\): resampler\.layers\.1\."):
+        Flamingo.from_pretrained(tmp_path / "ckpt")
+    edit_config(tmp_path / "ckpt" / "config.json", resampler__depth=2, resampler__num_latents=5)
+    with pytest.raises(
+        ValueError, match=r"shape mismatch\(es\): resampler.latents: checkpoint \(4, 32\) vs model \(5, 32\)"
+    ):
+        Flamingo.from_pretrained(tmp_path / "ckpt")
+    edit_config(tmp_path / "ckpt" / "config.json", resampler__num_latents=4, resampler__bogus=1)
+    with pytest.raises(ValueError, match="config.json: resampler: unknown key 'bogus'"):
+        Flamingo.from_pretrained(tmp_path / "ckpt")
+
+
+def test_save_load_keeps_opened_gates_and_dtype(make_model, tmp_path):
+    model = make_model(resampler=ResamplerConfig(depth=1, num_latents=4, heads=2, head_dim=8))
+    open_gates(model, attn=0.3, ff=-0.2, seed=5)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = Flamingo.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.blocks[0].attn_gate.float(), model.blocks[0].attn_gate.bfloat16().float())
