@@ -29,19 +29,21 @@ def test_batched_left_padded_generation_equals_one_by_one(make_model, family):
         assert torch.equal(one[0], batched[i]), f"prompt {i}"
 
 
-def test_media_are_encoded_once_per_call(make_model):
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_media_are_encoded_once_per_call(make_model, num_beams):
     model = make_model()
     ids, mask, pixels = encode(model, TEXTS)
-    vision_calls, projections = [], []
-    h1 = model.vision.register_forward_hook(lambda *a: vision_calls.append(1))
+    encoded, projections = [], []
+    hook = model.vision.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
     original = model.blocks[0].project_media
     model.blocks[0].project_media = lambda media: projections.append(1) or original(media)
     try:
-        model.generate(ids, mask, pixels, max_new_tokens=5, **NO_STOP)
+        model.generate(ids, mask, pixels, max_new_tokens=5, num_beams=num_beams, **NO_STOP)
     finally:
-        h1.remove()
+        hook.remove()
         del model.blocks[0].project_media
-    assert len(vision_calls) == 1 and len(projections) == 1
+    assert encoded == [int((ids == model.ids.image).sum())]  # each real image once, not once per beam
+    assert len(projections) == 1
 
 
 def test_beam_search_with_one_beam_is_greedy(make_model):
@@ -85,8 +87,9 @@ def test_beam_search_with_enough_beams_is_exhaustive(make_model):
     assert sequence_logprob(model, ids, mask, pixels, best) >= sequence_logprob(model, ids, mask, pixels, greedy)
 
 
-def test_beam_search_cached_equals_recomputed_and_batched(make_model):
-    model = make_model("gpt2")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "mpt"])
+def test_beam_search_cached_equals_recomputed_and_batched(make_model, family):
+    model = make_model(family)
     ids, mask, pixels = encode(model, TEXTS)
     a = model.generate(ids, mask, pixels, max_new_tokens=5, num_beams=3, **NO_STOP)
     b = model.generate(ids, mask, pixels, max_new_tokens=5, num_beams=3, use_cache=False, **NO_STOP)

@@ -136,7 +136,9 @@ class _Session:
         self.history = input_ids[rows]
         self.mask = attention_mask[rows]
         self.pixel_values = None if pixel_values is None else pixel_values[rows]
-        self.media = model.prepare_media(self.history, self.pixel_values) if use_cache else None
+        # Each image is encoded once, then its keys/values are shared by the sample's beams.
+        media = model.prepare_media(input_ids, pixel_values) if use_cache else None
+        self.media = media.select(rows) if media is not None and copies > 1 else media
         self.past = None
         # An <image> with no image behind it, or padding, is never a valid continuation.
         self.banned = sorted({model.ids.image, model.ids.pad} - {model.ids.eos})
