@@ -1,8 +1,10 @@
 """Shared fixtures: tiny backbones written to disk once per session, never a hub."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("INTERLEAF_CACHE", tempfile.mkdtemp(prefix="interleaf-cache-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest

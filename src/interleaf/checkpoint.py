@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from interleaf.config import FlamingoConfig
+from interleaf.model.trainable import apply_trainable
 from interleaf.model.vision import load_tower, tower_config_from_dict, tower_from_config
 
 CONFIG = "config.json"
@@ -29,23 +31,22 @@ KIND_KEY = "interleaf_weights"  # safetensors metadata: "full" or "trainable"
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied tensors (e.g. GPT-2's lm_head/wte) kept once, under the
-    first name; the model's own tying restores the others on load."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    out = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.device.type != "meta" and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor
-    return out
+    """The state dict with tied parameters (e.g. GPT-2's lm_head/wte) kept once, under the
+    first name; the model's own tying restores the others on load. Works on meta models."""
+    keep = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
-def save_flamingo(model, path: str | Path, *, trainable_only: bool = False) -> None:
+def save_flamingo(model, path: str | Path, *, trainable_only: bool = False, state=None) -> None:
+    """Write ``model`` (or, for converters, ``state``: tensors named and shaped as the
+    possibly meta-device ``model``'s, checked here) as an interleaf checkpoint."""
     path = Path(path)
+    expected = unique_state_dict(model)
+    if state is None:
+        state = expected
+    else:
+        _check_keys(path / WEIGHTS, state, expected)
     path.mkdir(parents=True, exist_ok=True)
-    state = unique_state_dict(model)
     if trainable_only:
         for field, source in (("lm", model.config.lm.source), ("vision", model.config.vision.source)):
             if not source:
@@ -89,9 +90,10 @@ def load_lm_and_tokenizer(source: str, **kwargs):
 
 
 def load_flamingo(path: str | Path, *, dtype: torch.dtype | None = None):
+    from interleaf.convert import native
     from interleaf.model.flamingo import Flamingo
 
-    root = resolve(path)
+    root = native(path)
     for name in (CONFIG, WEIGHTS):
         if not (root / name).is_file():
             raise ValueError(f"{root}: not an interleaf checkpoint: {name} is missing")
@@ -103,18 +105,34 @@ def load_flamingo(path: str | Path, *, dtype: torch.dtype | None = None):
         raise ValueError(f"{root}: cannot load the tokenizer: {e}") from None
     if kind == "full":
         lm_config = _read_hf_config(root / LM_CONFIG)
-        lm = transformers.AutoModelForCausalLM.from_config(lm_config)
-        tower = tower_from_config(_read_hf_config(root / VISION_CONFIG, tower_config_from_dict))
+        vision_config = _read_hf_config(root / VISION_CONFIG, tower_config_from_dict)
+        # Parameters start on the meta device (no memory, no random init) and take the
+        # checkpoint's tensors; buffers such as rotary frequencies are built for real.
+        with init_empty_weights():
+            lm = transformers.AutoModelForCausalLM.from_config(lm_config)
+            tower = tower_from_config(vision_config)
+        _tie_embeddings(lm)  # outside the context, which would copy the parameter
+        with init_empty_weights():
+            model = Flamingo(config, lm=lm, vision_tower=tower, tokenizer=tokenizer)
+        _check_keys(root / WEIGHTS, state, unique_state_dict(model))
+        model.load_state_dict(state, strict=False, assign=True)
+        _tie_embeddings(model.language_model.lm)
+        model.trainable_names = apply_trainable(model, config.trainable)
     else:
         lm, _ = load_lm_and_tokenizer(config.lm.source)
-        tower = load_tower(config.vision.source)
-    model = Flamingo(config, lm=lm, vision_tower=tower, tokenizer=tokenizer)
-    expected = unique_state_dict(model) if kind == "full" else {k: model.state_dict()[k] for k in model.trainable_names}
-    _check_keys(root / WEIGHTS, state, expected)
-    model.load_state_dict(state, strict=False)
+        model = Flamingo(config, lm=lm, vision_tower=load_tower(config.vision.source), tokenizer=tokenizer)
+        _check_keys(root / WEIGHTS, state, {k: model.state_dict()[k] for k in model.trainable_names})
+        model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _tie_embeddings(lm: nn.Module) -> None:
+    """Share the output and input embeddings where the LM's config ties them (transformers
+    does not tie parameters that live on the meta device)."""
+    if getattr(lm.config, "tie_word_embeddings", False):
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
 
 
 def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], str]:

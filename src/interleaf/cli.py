@@ -52,6 +52,18 @@ def generate(
     print(processor.batch_decode(ids, skip_special_tokens=True)[0])
 
 
+def convert(fmt: str, src: str, dst: Path) -> None:
+    """Convert an upstream checkpoint directory into an interleaf checkpoint."""
+    from interleaf.checkpoint import resolve
+
+    if fmt == "idefics":
+        from interleaf.convert.idefics import convert as run
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    out = run(resolve(src), dst)
+    print(f"wrote an interleaf checkpoint to {out}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="interleaf", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -72,6 +84,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+
+    c = verbs.add_parser("convert", help="convert a released checkpoint (IDEFICS) to interleaf's format")
+    c.add_argument("format", choices=["idefics"], help="the upstream format")
+    c.add_argument("src", help="upstream directory or hub id (e.g. HuggingFaceM4/idefics-9b-instruct)")
+    c.add_argument("dst", type=Path, help="where to write the interleaf checkpoint")
     return p
 
 
@@ -81,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "demo":
             demo(args.out, args.steps, args.seed)
+        elif args.verb == "convert":
+            convert(args.format, args.src, args.dst)
         elif args.verb == "generate":
             generate(
                 args.model,

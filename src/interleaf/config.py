@@ -65,6 +65,7 @@ class CrossAttentionConfig:
     gated_ff: bool = False  # SwiGLU-style feed-forward (IDEFICS) instead of a plain MLP
     norm: Norm = "layernorm"
     qk_norm: Norm | None = None  # norm over the head dim of q and k (IDEFICS qk_layer_norms)
+    norm_eps: float = 1e-5  # of the block's norms and q/k norms (IDEFICS: the LM's rms_norm_eps)
     gate: Literal["scalar", "vector"] = "scalar"
     media_attention: Literal["last", "all"] = "last"  # which earlier images a token sees
     reset_at_eos: bool = False  # packed documents: EOS ends the reach of earlier images
@@ -97,10 +98,12 @@ class TokensConfig:
     """Special tokens and how an image is written into the text."""
 
     image: str = "<image>"
-    end_of_chunk: str = "<|endofchunk|>"
+    end_of_chunk: str | None = "<|endofchunk|>"  # None: the format has none (IDEFICS)
     pad: str = "<PAD>"  # added only when the tokenizer has no pad token
     image_prompt: str = "<image>"  # IDEFICS: <fake_token_around_image><image><fake_token_around_image>
     extra: tuple[str, ...] = ()  # further special tokens the prompt format uses
+    strip_text: bool = False  # strip spaces around the text items of an interleaved list (IDEFICS)
+    text_separator: str = ""  # written between two consecutive text items (IDEFICS-instruct: <end_of_utterance>)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -111,7 +111,7 @@ class _StopRule:
         ids = []
         if cfg.stop_at_eos and model.ids.eos is not None:
             ids.append(model.ids.eos)
-        if cfg.stop_at_end_of_chunk:
+        if cfg.stop_at_end_of_chunk and model.ids.end_of_chunk is not None:
             ids.append(model.ids.end_of_chunk)
         self.token_ids = ids
         self.strings = cfg.stop_strings

@@ -47,7 +47,6 @@ from PIL import Image
 from torch import Tensor
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, BatchFeature, PreTrainedTokenizerBase
 
-from interleaf.checkpoint import resolve
 from interleaf.config import TokensConfig, from_dict
 from interleaf.tokens import prepare_tokenizer, token_ids
 
@@ -133,7 +132,9 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Processor:
         """Load what :meth:`save_pretrained` wrote, from a directory or hub id."""
-        directory = resolve(path)
+        from interleaf.convert import native
+
+        directory = native(path)
         for name in (CONFIG_FILE, IMAGE_PROCESSOR_FILE, TOKENIZER_FILE):
             if not (directory / name).is_file():
                 raise ValueError(f"{path}: no {name} in this directory; write it with Processor.save_pretrained")
@@ -242,6 +243,7 @@ class Processor:
     def _interleaved(self, items: Sequence[Any], where: str) -> tuple[str, list[Image.Image]]:
         """The text (``tokens.image`` per image) and the images of a list of items."""
         parts, images = [], []
+        last_was_text = False
         for i, item in enumerate(items):
             at = f"{where}, item {i}"
             kind, value = _classify(item, at)
@@ -251,10 +253,13 @@ class Processor:
                         f"{at}: the text contains the image token {self.tokens.image!r}, which is ambiguous "
                         'here; pass each image as an item of the list, e.g. ["Look:", image, "What is it?"]'
                     )
-                parts.append(value)
+                if last_was_text:
+                    parts.append(self.tokens.text_separator)
+                parts.append(value.strip(" ") if self.tokens.strip_text else value)
             else:
                 images.append(load_image(value, at))
                 parts.append(self.tokens.image)
+            last_was_text = kind == "text"
         return "".join(parts), images
 
     def _chat(self, messages: Sequence[Any], where: str) -> _Sample:

@@ -12,7 +12,7 @@ from interleaf.config import TokensConfig
 @dataclass(frozen=True, kw_only=True)
 class TokenIds:
     image: int
-    end_of_chunk: int
+    end_of_chunk: int | None
     pad: int
     eos: int | None
     bos: int | None
@@ -25,7 +25,7 @@ def prepare_tokenizer(tokenizer, tokens: TokensConfig) -> tuple[str, ...]:
     tokens; a pad token is added only when the tokenizer has none.
     """
     before = len(tokenizer)
-    wanted = [tokens.image, tokens.end_of_chunk, *tokens.extra]
+    wanted = [t for t in (tokens.image, tokens.end_of_chunk, *tokens.extra) if t is not None]
     vocab = tokenizer.get_vocab()
     missing = [AddedToken(t, special=True, normalized=False) for t in wanted if t not in vocab]
     if missing:
@@ -39,11 +39,11 @@ def prepare_tokenizer(tokenizer, tokens: TokensConfig) -> tuple[str, ...]:
 def token_ids(tokenizer, tokens: TokensConfig) -> TokenIds:
     vocab = tokenizer.get_vocab()
     for name in (tokens.image, tokens.end_of_chunk):
-        if name not in vocab:
+        if name is not None and name not in vocab:
             raise ValueError(f"the tokenizer has no {name!r} token; build the processor with prepare_tokenizer")
     return TokenIds(
         image=vocab[tokens.image],
-        end_of_chunk=vocab[tokens.end_of_chunk],
+        end_of_chunk=vocab[tokens.end_of_chunk] if tokens.end_of_chunk is not None else None,
         pad=tokenizer.pad_token_id,
         eos=tokenizer.eos_token_id,
         bos=tokenizer.bos_token_id,

@@ -28,9 +28,11 @@ def make_norm(kind: str | None, dim: int, eps: float = 1e-5) -> nn.Module:
 class FeedForward(nn.Module):
     """Norm, then ``down(act(up(x)))``, or ``down(act(gate(x)) * up(x))`` when gated (SwiGLU)."""
 
-    def __init__(self, dim: int, hidden: int, activation: str, *, norm: str = "layernorm", gated: bool = False):
+    def __init__(
+        self, dim: int, hidden: int, activation: str, *, norm: str = "layernorm", gated: bool = False, eps: float = 1e-5
+    ):
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = make_norm(norm, dim, eps)
         self.gate_proj = nn.Linear(dim, hidden, bias=False) if gated else None
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.act = ACTIVATIONS[activation]()
@@ -46,7 +48,9 @@ class FeedForward(nn.Module):
 class MultiHeadProjection(nn.Module):
     """q from one input, k and v from another; optional norm of q and k over the head dim."""
 
-    def __init__(self, q_dim: int, kv_dim: int, heads: int, head_dim: int, qk_norm: str | None = None):
+    def __init__(
+        self, q_dim: int, kv_dim: int, heads: int, head_dim: int, qk_norm: str | None = None, eps: float = 1e-5
+    ):
         super().__init__()
         self.heads = heads
         inner = heads * head_dim
@@ -54,8 +58,8 @@ class MultiHeadProjection(nn.Module):
         self.k_proj = nn.Linear(kv_dim, inner, bias=False)
         self.v_proj = nn.Linear(kv_dim, inner, bias=False)
         self.o_proj = nn.Linear(inner, q_dim, bias=False)
-        self.q_norm = make_norm(qk_norm, head_dim)
-        self.k_norm = make_norm(qk_norm, head_dim)
+        self.q_norm = make_norm(qk_norm, head_dim, eps)
+        self.k_norm = make_norm(qk_norm, head_dim, eps)
 
     def query(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, H, T, d)"""

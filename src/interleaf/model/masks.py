@@ -67,7 +67,7 @@ def flamingo_labels(
     attention_mask: Tensor,
     *,
     image_token_id: int,
-    end_of_chunk_id: int,
+    end_of_chunk_id: int | None,
     ignore_ids: tuple[int, ...] = (),
 ) -> Tensor:
     """Labels for interleaved pretraining (OpenFlamingo's masking).

@@ -23,10 +23,11 @@ class MediaKV(NamedTuple):
 class GatedCrossAttentionBlock(nn.Module):
     def __init__(self, dim: int, media_dim: int, cfg: CrossAttentionConfig):
         super().__init__()
-        self.norm = make_norm(cfg.norm, dim)
-        self.attn = MultiHeadProjection(dim, media_dim, cfg.heads, cfg.head_dim, cfg.qk_norm)
+        self.norm = make_norm(cfg.norm, dim, cfg.norm_eps)
+        self.attn = MultiHeadProjection(dim, media_dim, cfg.heads, cfg.head_dim, cfg.qk_norm, cfg.norm_eps)
         self.attn_gate = gate_parameter(cfg.gate, dim)
-        self.ff = FeedForward(dim, cfg.ff_dim or cfg.ff_mult * dim, cfg.activation, norm=cfg.norm, gated=cfg.gated_ff)
+        hidden = cfg.ff_dim or cfg.ff_mult * dim
+        self.ff = FeedForward(dim, hidden, cfg.activation, norm=cfg.norm, gated=cfg.gated_ff, eps=cfg.norm_eps)
         self.ff_gate = gate_parameter(cfg.gate, dim)
 
     def project_media(self, media: Tensor) -> MediaKV:
