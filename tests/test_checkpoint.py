@@ -101,3 +101,24 @@ def test_save_load_keeps_opened_gates_and_dtype(make_model, tmp_path):
     loaded = Flamingo.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
     assert torch.equal(loaded.blocks[0].attn_gate.float(), model.blocks[0].attn_gate.bfloat16().float())
+
+
+def test_model_checkpoint_carries_its_processor(make_model, tmp_path):
+    from interleaf import Processor
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    processor = Processor.from_pretrained(tmp_path / "ckpt")
+    ids, mask, _ = encode(model, TEXTS)
+    batch = processor([[text] if "<image>" not in text else text for text in TEXTS[2:]])
+    assert batch["input_ids"].tolist()[0] == ids[2][mask[2].bool()].tolist()
+
+
+def test_bfloat16_checkpoint_round_trip(make_model, tmp_path):
+    model = make_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = Flamingo.from_pretrained(tmp_path / "ckpt")
+    assert loaded.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), model.parameters()))
+    # buffers (rotary frequencies) are rebuilt in float32 on load, where .to() had rounded them
+    assert torch.allclose(logits(loaded).float(), logits(model).float(), atol=2e-2)

@@ -30,6 +30,9 @@ def test_configs_are_frozen_and_keyword_only():
         ({"trainable": {"lm_patterns": "x"}}, "trainable.lm_patterns: expected a list"),
         ({"lm": 3}, "lm: expected a mapping"),
         ({"nope": {}}, "<root>: unknown key 'nope'"),
+        ({"cross_attention": {"interval": 0}}, "cross_attention: CrossAttentionConfig.interval must be >= 1"),
+        ({"cross_attention": {"interval": 2, "offset": 2}}, "offset must be < interval=2"),
+        ({"resampler": {"num_latents": 0}}, "ResamplerConfig.num_latents must be >= 1"),
     ],
 )
 def test_bad_config_names_the_field(data, message):
@@ -41,3 +44,8 @@ def test_unreadable_config_file(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ValueError, match="c.json: cannot read a Flamingo config"):
         FlamingoConfig.from_json(tmp_path / "c.json")
+
+
+def test_direct_construction_is_validated_too():
+    with pytest.raises(ValueError, match=r"CrossAttentionConfig.activation: expected one of \['gelu'"):
+        CrossAttentionConfig(activation="swish")

@@ -18,10 +18,10 @@ def test_cached_generation_equals_recomputing_everything(make_model, family):
     assert torch.equal(cached, recomputed)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "mpt"])
-def test_batched_left_padded_generation_equals_one_by_one(make_model, family):
+@pytest.mark.parametrize("family, side", [(f, "left") for f in ("llama", "gpt2", "opt", "mpt")] + [("llama", "right")])
+def test_batched_padded_generation_equals_one_by_one(make_model, family, side):
     model = make_model(family)
-    ids, mask, pixels = encode(model, TEXTS)
+    ids, mask, pixels = encode(model, TEXTS, padding_side=side)
     batched = model.generate(ids, mask, pixels, max_new_tokens=6, **NO_STOP)
     for i, text in enumerate(TEXTS):
         one_ids, one_mask, _ = encode(model, [text])
@@ -147,6 +147,10 @@ def test_batched_stopping_pads_finished_rows(make_model):
     stop_text = model.tokenizer.decode(free[0, :3])
     out = model.generate(ids, mask, pixels, max_new_tokens=6, stop_strings=[stop_text], **NO_STOP)
     assert torch.equal(out[0, :3], free[0, :3]) and (out[0, 3:] == model.ids.pad).all()
+    for row in (1, 2):  # the other rows run on, unless the stop string shows up in them too
+        text = model.tokenizer.decode(free[row])
+        if stop_text not in text:
+            assert torch.equal(out[row], free[row])
 
 
 def test_stream_yields_the_generated_text(make_model):
@@ -167,6 +171,8 @@ def test_stream_yields_the_generated_text(make_model):
         (dict(temperature=0), "temperature"),
         (dict(top_p=1.5), "top_p"),
         (dict(num_beams=2, do_sample=True), "sampling with beams"),
+        (dict(max_new_tokens=2, min_new_tokens=3), "min_new_tokens"),
+        (dict(top_k=5), "only with do_sample"),
     ],
 )
 def test_bad_generation_settings(bad, message):

@@ -10,6 +10,7 @@ Loading validates the keys strictly and names every missing, unexpected or missh
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +63,25 @@ def save_flamingo(model, path: str | Path, *, trainable_only: bool = False, stat
     (path / LM_CONFIG).write_text(model.language_model.lm.config.to_json_string())
     (path / VISION_CONFIG).write_text(model.vision.tower.config.to_json_string())
     model.tokenizer.save_pretrained(path)
+    _save_processor(model, path)
+
+
+def _save_processor(model, path: Path) -> None:
+    """Write the processor beside the weights (unless one was saved there already), so that
+    ``Processor.from_pretrained`` works on a model checkpoint alone."""
+    from interleaf.processing import CONFIG_FILE, Processor
+
+    source = model.config.vision.source
+    if (path / CONFIG_FILE).exists() or not source:
+        return
+    try:
+        image_processor = transformers.AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        warnings.warn(
+            f"no processor written to {path}: cannot load the image processor of {source!r}: {e}", stacklevel=3
+        )
+        return
+    Processor(model.tokenizer, image_processor, tokens=model.config.tokens).save_pretrained(path)
 
 
 def resolve(path: str | Path) -> Path:

@@ -43,7 +43,9 @@ def generate(
         top_p=top_p,
         seed=seed,
     )
-    if stream_output and num_beams == 1:
+    if stream_output and num_beams != 1:
+        raise ValueError("--stream shows one continuation as it grows; it does not combine with --num-beams")
+    if stream_output:
         for piece in stream(model, **batch, **settings):
             print(piece, end="", flush=True)
         print()

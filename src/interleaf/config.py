@@ -19,6 +19,26 @@ Activation = Literal["gelu", "relu", "silu", "gelu_tanh"]
 Norm = Literal["layernorm", "rmsnorm"]
 
 
+def _validate(cfg: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Check a config's Literal fields and numeric ranges on construction, naming the field."""
+    hints = typing.get_type_hints(type(cfg))
+    name = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        literals = typing.get_args(options[0]) if options and typing.get_origin(options[0]) is Literal else ()
+        if typing.get_origin(tp) is Literal:
+            literals = typing.get_args(tp)
+        if literals and value is not None and value not in literals:
+            raise ValueError(f"{name}.{f.name}: expected one of {list(literals)}, got {value!r}")
+    for field_name in positive:
+        if getattr(cfg, field_name) < 1:
+            raise ValueError(f"{name}.{field_name} must be >= 1, got {getattr(cfg, field_name)}")
+    for field_name in non_negative:
+        if getattr(cfg, field_name) < 0:
+            raise ValueError(f"{name}.{field_name} must be >= 0, got {getattr(cfg, field_name)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """Which vision encoder, and which of its activations become the image features.
@@ -49,6 +69,9 @@ class ResamplerConfig:
     max_media: int = 0  # >0 adds a learned embedding per media position (OpenFlamingo)
     max_frames: int = 0  # >0 adds a learned embedding per video frame
 
+    def __post_init__(self):
+        _validate(self, ("depth", "num_latents", "heads", "head_dim", "ff_mult"), ("ff_dim", "max_media", "max_frames"))
+
 
 @dataclass(frozen=True, kw_only=True)
 class CrossAttentionConfig:
@@ -70,6 +93,13 @@ class CrossAttentionConfig:
     media_attention: Literal["last", "all"] = "last"  # which earlier images a token sees
     reset_at_eos: bool = False  # packed documents: EOS ends the reach of earlier images
 
+    def __post_init__(self):
+        _validate(self, ("interval", "heads", "head_dim", "ff_mult"), ("offset", "ff_dim"))
+        if self.offset >= self.interval:
+            raise ValueError(f"CrossAttentionConfig.offset must be < interval={self.interval}, got {self.offset}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"CrossAttentionConfig.norm_eps must be > 0, got {self.norm_eps}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class LMConfig:
@@ -79,6 +109,9 @@ class LMConfig:
     layers_path: str | None = None  # dotted path to the decoder-layer ModuleList; found if None
     new_token_embeddings: Literal["decoupled", "resize"] = "decoupled"
     added_tokens: tuple[str, ...] = ()  # recorded at first build: tokens the LM has no row for
+
+    def __post_init__(self):
+        _validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +190,10 @@ def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
         if unknown:
             raise ValueError(f"{where}: {name}: unknown key {unknown[0]!r} (known: {sorted(fields)})")
         kwargs = {k: _coerce(hints[k], v, where, f"{path}.{k}" if path else k) for k, v in value.items()}
-        return tp(**kwargs)
+        try:
+            return tp(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where}: {name}: {e}") from None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Literal:

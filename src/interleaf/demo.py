@@ -137,7 +137,6 @@ def train(model, processor, opts: DemoOptions) -> list[float]:
 
 def run(opts: DemoOptions = DemoOptions()) -> dict:
     start = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, processor = build(opts)
     total = sum(p.numel() for p in model.parameters())
     print(f"built a Flamingo: {model.num_trainable_parameters():,} trainable of {total:,} parameters")

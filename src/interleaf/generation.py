@@ -41,6 +41,11 @@ class GenerationConfig:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (not (self.do_sample and self.num_beams > 1), "sampling with beams is not supported"),
+            (self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be <= max_new_tokens"),
+            (
+                self.do_sample or (self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0),
+                "temperature, top_k and top_p apply only with do_sample=True",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -82,10 +87,17 @@ def _as_tuple_stop_strings(kwargs: dict) -> dict:
     return kwargs
 
 
+@torch.no_grad()
 def _decode(model, input_ids, attention_mask, pixel_values, cfg: GenerationConfig):
     """The loop. Yields the search after every step."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if pixel_values is not None and pixel_values.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"pixel_values hold {pixel_values.shape[0]} samples for {input_ids.shape[0]} prompts in input_ids"
+        )
     stop = _StopRule(model, cfg)
     search = (
         _BeamSearch(cfg, input_ids.shape[0], stop, model.ids.pad)
@@ -160,7 +172,11 @@ class _Session:
         else:
             media = model.prepare_media(self.history, self.pixel_values)
             out = model.step(self.history, history_ids=self.history, attention_mask=self.mask, media=media)
-        logits = model.language_model.logits(out.last_hidden_state[:, -1]).float()
+        hidden = out.last_hidden_state  # (rows, T_new, D)
+        # Each row's last real token: the prompt's may sit before right padding.
+        last = hidden.shape[1] - 1 - self.mask[:, -hidden.shape[1] :].flip(-1).argmax(-1)
+        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = model.language_model.logits(hidden).float()
         logits[:, self.banned] = float("-inf")
         return torch.log_softmax(logits, dim=-1)
 

@@ -123,7 +123,8 @@ def build_lm(directory: str | Path, family: str = "llama", *, seed: int = 0, tok
 
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(lm_config(family, len(tokenizer), **kw))
+    vocab_size = kw.pop("vocab_size", len(tokenizer))  # may exceed the tokenizer, as Qwen2's and OPT's do
+    model = transformers.AutoModelForCausalLM.from_config(lm_config(family, vocab_size, **kw))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)

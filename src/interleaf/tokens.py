@@ -15,7 +15,6 @@ class TokenIds:
     end_of_chunk: int | None
     pad: int
     eos: int | None
-    bos: int | None
 
 
 def prepare_tokenizer(tokenizer, tokens: TokensConfig) -> tuple[str, ...]:
@@ -46,5 +45,4 @@ def token_ids(tokenizer, tokens: TokensConfig) -> TokenIds:
         end_of_chunk=vocab[tokens.end_of_chunk] if tokens.end_of_chunk is not None else None,
         pad=tokenizer.pad_token_id,
         eos=tokenizer.eos_token_id,
-        bos=tokenizer.bos_token_id,
     )

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from interleaf.config import FlamingoConfig
-from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext, find_decoder_layers
+from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext
 from interleaf.model.masks import IGNORE_INDEX, cross_attention_mask, position_ids
 from interleaf.model.resampler import build_resampler
 from interleaf.model.trainable import apply_trainable
@@ -25,7 +25,6 @@ from interleaf.tokens import prepare_tokenizer, token_ids
 class FlamingoOutput:
     logits: Tensor
     loss: Tensor | None = None
-    past_key_values: object | None = None
 
 
 @dataclass(frozen=True)
@@ -54,20 +53,13 @@ class Flamingo(nn.Module):
         self.vision = VisionEncoder(vision_tower, config.vision)
         self.resampler = build_resampler(self.vision.dim, config.resampler)
         xcfg = config.cross_attention
-        _, layers = find_decoder_layers(lm, config.lm.layers_path)
-        layer_indices = [i for i in range(len(layers)) if i % xcfg.interval == xcfg.offset]
-        if not layer_indices:
-            raise ValueError(
-                f"cross_attention interval={xcfg.interval}, offset={xcfg.offset} selects none of {len(layers)} layers"
-            )
-        hidden = lm.config.hidden_size
-        blocks = [GatedCrossAttentionBlock(hidden, self.vision.dim, xcfg) for _ in layer_indices]
         lm_vocab = lm.get_input_embeddings().num_embeddings
         new_ids = [tokenizer.convert_tokens_to_ids(t) for t in config.lm.added_tokens]
         self.language_model = LanguageModel(
             lm,
-            blocks,
-            layer_indices,
+            lambda: GatedCrossAttentionBlock(lm.config.hidden_size, self.vision.dim, xcfg),
+            interval=xcfg.interval,
+            offset=xcfg.offset,
             vocab_size=len(tokenizer),
             new_token_start=min([lm_vocab, *new_ids]),
             decoupled=config.lm.new_token_embeddings == "decoupled",
@@ -78,14 +70,14 @@ class Flamingo(nn.Module):
     # -- construction and checkpoints ------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: FlamingoConfig, **lm_kwargs) -> Flamingo:
-        """Build from pretrained backbones named by ``config.lm.source`` / ``config.vision.source``.
-
-        Like ``from_pretrained``, returns the model in eval mode (dropout off)."""
+    def from_config(cls, config: FlamingoConfig, *, dtype: torch.dtype | None = None) -> Flamingo:
+        """Build from pretrained backbones named by ``config.lm.source`` / ``config.vision.source``,
+        all of it in ``dtype`` if given. Like ``from_pretrained``, returns the model in eval mode."""
         from interleaf.checkpoint import load_lm_and_tokenizer
 
-        lm, tokenizer = load_lm_and_tokenizer(config.lm.source, **lm_kwargs)
-        return cls(config, lm=lm, vision_tower=load_tower(config.vision.source), tokenizer=tokenizer).eval()
+        lm, tokenizer = load_lm_and_tokenizer(config.lm.source)
+        model = cls(config, lm=lm, vision_tower=load_tower(config.vision.source), tokenizer=tokenizer)
+        return (model if dtype is None else model.to(dtype)).eval()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> Flamingo:
@@ -125,11 +117,12 @@ class Flamingo(nn.Module):
                 f"pixel_values must be (B, N, C, H, W) or (B, N, F, C, H, W), got {tuple(pixel_values.shape)}"
             )
         batch, slots = pixel_values.shape[:2]
-        if batch != input_ids.shape[0] or n_max > slots:
-            sample = int((counts > slots).nonzero()[0]) if n_max > slots else 0
+        if batch != input_ids.shape[0]:
+            raise ValueError(f"pixel_values hold {batch} samples for {input_ids.shape[0]} samples in input_ids")
+        if n_max > slots:
+            sample = int((counts > slots).nonzero()[0])
             raise ValueError(
-                f"pixel_values {tuple(pixel_values.shape)} do not match input_ids {tuple(input_ids.shape)}: "
-                f"sample {sample} has {int(counts[sample])} <image> tokens for {slots} image slots"
+                f"sample {sample} has {int(counts[sample])} <image> tokens but pixel_values hold {slots} image slots"
             )
         real = torch.arange(n_max, device=input_ids.device) < counts[:, None]  # (B, n_max)
         pixels = pixel_values[:, :n_max][real]  # (n, F, C, H, W)
@@ -232,8 +225,9 @@ def next_token_loss(logits: Tensor, labels: Tensor, z_loss_weight: float = 0.0) 
     ``z_loss_weight * mean(logsumexp(logits)^2)`` (the z-loss of PaLM / IDEFICS)."""
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
-    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+    valid = target != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)  # a batch with nothing to learn has loss 0, not NaN
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     if z_loss_weight:
-        valid = target != IGNORE_INDEX
-        loss = loss + z_loss_weight * torch.logsumexp(logits[valid], dim=-1).pow(2).mean()
-    return loss
+        loss = loss + z_loss_weight * torch.logsumexp(logits[valid], dim=-1).pow(2).sum()
+    return loss / count

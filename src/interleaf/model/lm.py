@@ -105,9 +105,10 @@ class LanguageModel(nn.Module):
     def __init__(
         self,
         lm: nn.Module,
-        blocks: list[GatedCrossAttentionBlock],
-        layer_indices: list[int],
+        make_block: Callable[[], GatedCrossAttentionBlock],
         *,
+        interval: int,
+        offset: int,
         vocab_size: int,
         new_token_start: int,
         decoupled: bool,
@@ -119,8 +120,13 @@ class LanguageModel(nn.Module):
         self.new_token_start = new_token_start
         path, layers = find_decoder_layers(lm, layers_path)
         self.layers_path = path
-        for index, (layer_idx, block) in enumerate(zip(layer_indices, blocks)):
-            layers[layer_idx] = CrossAttentionDecoderLayer(block, layers[layer_idx], index)
+        chosen = [i for i in range(len(layers)) if i % interval == offset]
+        if not chosen:
+            raise ValueError(
+                f"cross_attention interval={interval}, offset={offset} selects none of {len(layers)} layers"
+            )
+        for index, layer_idx in enumerate(chosen):
+            layers[layer_idx] = CrossAttentionDecoderLayer(make_block(), layers[layer_idx], index)
         forward = self.base.forward
         self._media_by_kwarg = accepts_var_kwargs(forward)
         self._takes_position_ids = accepts(forward, "position_ids")
@@ -135,10 +141,6 @@ class LanguageModel(nn.Module):
     @property
     def base(self) -> nn.Module:
         return self.lm.base_model
-
-    @property
-    def hidden_size(self) -> int:
-        return self.lm.get_input_embeddings().embedding_dim
 
     def embed(self, input_ids: Tensor) -> Tensor:
         table = self.lm.get_input_embeddings()

@@ -20,6 +20,13 @@ def trainable_parameter_names(model: nn.Module, cfg: TrainableConfig) -> list[st
     lm = model.language_model
     embedding_ids = {id(lm.lm.get_input_embeddings().weight), id(lm.lm.get_output_embeddings().weight)}
     names = []
+    lm_names = [n for n, _ in lm.lm.named_parameters()]
+    for pattern in cfg.lm_patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in lm_names):
+            raise ValueError(
+                f"trainable.lm_patterns: {pattern!r} matches no LM parameter (decoder layers that carry "
+                "cross-attention are named like 'model.layers.0.decoder_layer.self_attn.q_proj.weight')"
+            )
     for name, param in model.named_parameters(remove_duplicate=False):
         in_lm = name.startswith("language_model.lm.")
         lm_name = name.removeprefix("language_model.lm.")
