@@ -54,15 +54,20 @@ def generate(
     print(processor.batch_decode(ids, skip_special_tokens=True)[0])
 
 
-def convert(fmt: str, src: str, dst: Path) -> None:
-    """Convert an upstream checkpoint directory into an interleaf checkpoint."""
+def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every: int | None) -> None:
+    """Convert an upstream checkpoint into an interleaf checkpoint."""
     from interleaf.checkpoint import resolve
 
     if fmt == "idefics":
-        from interleaf.convert.idefics import convert as run
+        from interleaf.convert.idefics import convert as run_idefics
+
+        out = run_idefics(resolve(src), dst)
     else:
-        raise ValueError(f"unknown format {fmt!r}")
-    out = run(resolve(src), dst)
+        from interleaf.convert.openflamingo import convert as run_openflamingo
+
+        if lm is None:
+            raise ValueError("convert openflamingo needs --lm, the language model the checkpoint was trained on")
+        out = run_openflamingo(src, dst, lm=lm, vision=vision, cross_attn_every_n_layers=every)
     print(f"wrote an interleaf checkpoint to {out}")
 
 
@@ -87,10 +92,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
 
-    c = verbs.add_parser("convert", help="convert a released checkpoint (IDEFICS) to interleaf's format")
-    c.add_argument("format", choices=["idefics"], help="the upstream format")
-    c.add_argument("src", help="upstream directory or hub id (e.g. HuggingFaceM4/idefics-9b-instruct)")
+    c = verbs.add_parser("convert", help="convert a released checkpoint (IDEFICS, OpenFlamingo) to interleaf's format")
+    c.add_argument("format", choices=["idefics", "openflamingo"], help="the upstream format")
+    c.add_argument("src", help="IDEFICS: directory or hub id; OpenFlamingo: its checkpoint.pt")
     c.add_argument("dst", type=Path, help="where to write the interleaf checkpoint")
+    c.add_argument("--lm", help="OpenFlamingo: the language model (hub id or directory), e.g. anas-awadalla/mpt-7b")
+    c.add_argument("--vision", default="openai/clip-vit-large-patch14", help="OpenFlamingo: the HF CLIP vision tower")
+    c.add_argument("--cross-attn-every-n-layers", type=int, help="OpenFlamingo: checked against the checkpoint")
     return p
 
 
@@ -101,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             demo(args.out, args.steps, args.seed)
         elif args.verb == "convert":
-            convert(args.format, args.src, args.dst)
+            convert(
+                args.format, args.src, args.dst, lm=args.lm, vision=args.vision, every=args.cross_attn_every_n_layers
+            )
         elif args.verb == "generate":
             generate(
                 args.model,

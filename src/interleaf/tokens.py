@@ -24,15 +24,19 @@ def prepare_tokenizer(tokenizer, tokens: TokensConfig) -> tuple[str, ...]:
     tokens; a pad token is added only when the tokenizer has none.
     """
     before = len(tokenizer)
-    wanted = [t for t in (tokens.image, tokens.end_of_chunk, *tokens.extra) if t is not None]
-    vocab = tokenizer.get_vocab()
-    missing = [AddedToken(t, special=True, normalized=False) for t in wanted if t not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+    add_special_tokens(tokenizer, [t for t in (tokens.image, tokens.end_of_chunk, *tokens.extra) if t is not None])
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": tokens.pad})
     added = sorted((t for t, i in tokenizer.get_vocab().items() if i >= before), key=tokenizer.convert_tokens_to_ids)
     return tuple(added)
+
+
+def add_special_tokens(tokenizer, tokens) -> None:
+    """Add those of ``tokens`` the tokenizer lacks, in order, as special tokens."""
+    vocab = tokenizer.get_vocab()
+    missing = [AddedToken(t, special=True, normalized=False) for t in tokens if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
 
 
 def token_ids(tokenizer, tokens: TokensConfig) -> TokenIds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
             with safe_open(file, framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         return torch.load(file, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"{file}: corrupt or unreadable weights: {e}") from None
 
 

@@ -135,8 +135,8 @@ class LanguageModel(nn.Module):
         self.extra_embed = self.extra_head = None
         if decoupled and n_new > 0:
             self.extra_embed, self.extra_head = _new_rows(lm, new_token_start, n_new)
-        elif not decoupled and lm.get_input_embeddings().num_embeddings < vocab_size:
-            lm.resize_token_embeddings(vocab_size)
+        elif not decoupled and lm.get_input_embeddings().num_embeddings != vocab_size:
+            lm.resize_token_embeddings(vocab_size)  # to the tokenizer's length exactly, as OpenFlamingo does
 
     @property
     def base(self) -> nn.Module:
