@@ -152,3 +152,23 @@ def test_convert_verb(tmp_path, capsys):
     assert main(args) == 2 and "needs --lm" in capsys.readouterr().err
     assert main([*args, "--lm", str(lm_dir), "--vision", str(vision_dir)]) == 0
     assert Flamingo.from_pretrained(tmp_path / "dst").config.lm.new_token_embeddings == "resize"
+
+
+def test_known_release_ids_convert_on_the_fly(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from interleaf.convert import openflamingo
+
+    _, _, lm_dir, vision_dir = build_reference(tmp_path, "gpt_neox", 1)
+    repo = "openflamingo/OpenFlamingo-4B-vitl-rpj3b"
+    monkeypatch.setenv("INTERLEAF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(openflamingo.RELEASES, repo, (str(lm_dir), 1))
+    monkeypatch.setattr(openflamingo, "VISION", str(vision_dir))
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda r, f: calls.append((r, f)) or str(tmp_path / "checkpoint.pt")
+    )
+    model = Flamingo.from_pretrained(repo)
+    Processor.from_pretrained(repo)
+    assert calls == [(repo, "checkpoint.pt")]  # downloaded and converted once
+    assert model.config.lm.source == str(lm_dir)

@@ -1,8 +1,9 @@
 """Converters from the released formats of this model family to interleaf checkpoints.
 
 ``Flamingo.from_pretrained`` and ``Processor.from_pretrained`` call :func:`native` so that an
-upstream directory or hub id (IDEFICS) is converted once, on the fly, into a cache directory
-(``$INTERLEAF_CACHE``, default ``~/.cache/interleaf``) and loaded from there.
+upstream directory or hub id (IDEFICS, or a known OpenFlamingo release) is converted once, on
+the fly, into a cache directory (``$INTERLEAF_CACHE``, default ``~/.cache/interleaf``) and
+loaded from there.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ def native(path: str | Path) -> Path:
     ``path`` itself, or its conversion, made on first use and reused while the source's
     files are unchanged."""
     from interleaf.checkpoint import resolve
-    from interleaf.convert import idefics
+    from interleaf.convert import idefics, openflamingo
 
+    release = openflamingo.release_checkpoint(str(path))
+    if release is not None:
+        return release
     root = resolve(path)
     if not idefics.is_idefics(root):
         return root

@@ -31,6 +31,15 @@ from interleaf.config import (
 )
 
 DIM_HEAD = 64  # OpenFlamingo fixes the head size of its Perceiver and cross-attention
+VISION = "openai/clip-vit-large-patch14"
+
+# The releases whose language model transformers implements: hub repo -> (LM, interval).
+# (OpenFlamingo-3B's MPT-1B is MosaicML remote code, not transformers' MPT.)
+RELEASES = {
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": ("togethercomputer/RedPajama-INCITE-Base-3B-v1", 2),
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct": ("togethercomputer/RedPajama-INCITE-Instruct-3B-v1", 2),
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": ("anas-awadalla/mpt-7b", 4),
+}
 OF_TOKENS = ("<|endofchunk|>", "<image>")  # added in this order by OpenFlamingo
 
 
@@ -166,7 +175,7 @@ def convert(
     dst: str | Path,
     *,
     lm: str,
-    vision: str = "openai/clip-vit-large-patch14",
+    vision: str = VISION,
     cross_attn_every_n_layers: int | None = None,
     layers_path: str | None = None,
 ) -> Path:
@@ -213,3 +222,22 @@ def _image_processor(vision: str):
     import transformers
 
     return transformers.AutoImageProcessor.from_pretrained(vision)
+
+
+def release_checkpoint(repo: str) -> Path | None:
+    """For a known OpenFlamingo hub repo, its converted checkpoint (made on first use)."""
+    if repo not in RELEASES:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    from interleaf.convert import cache_root
+
+    target = cache_root() / "converted" / repo.replace("/", "--")
+    if not (target / "processor_config.json").is_file():
+        lm, interval = RELEASES[repo]
+        try:
+            checkpoint = hf_hub_download(repo, "checkpoint.pt")
+        except Exception as e:  # network, auth and repo errors all mean: not loadable
+            raise ValueError(f"cannot download {repo}/checkpoint.pt: {e}") from None
+        convert(checkpoint, target, lm=lm, vision=VISION, cross_attn_every_n_layers=interval)
+    return target
