@@ -183,7 +183,7 @@ class Processor:
         data = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": self._pixel_values([s.images for s in samples]),
+            "pixel_values": self.pixel_values([s.images for s in samples]),
         }
         return BatchFeature(data, tensor_type=return_tensors)
 
@@ -237,7 +237,7 @@ class Processor:
                 f"{where}: {found} {self.tokens.image!r} placeholders in the text != {len(sample.images)} images; "
                 "each placeholder takes one image, in order"
             )
-        sample.text = self._write_images(sample.text)
+        sample.text = self.write_images(sample.text)
         return sample
 
     def _interleaved(self, items: Sequence[Any], where: str) -> tuple[str, list[Image.Image]]:
@@ -281,7 +281,7 @@ class Processor:
         bos = self.tokenizer.bos_token
         return _Sample(text, images, add_special_tokens=not (bos and text.startswith(bos)))
 
-    def _write_images(self, text: str) -> str:
+    def write_images(self, text: str) -> str:
         """Replace each image token by ``tokens.image_prompt``, sharing a repeated wrapper token
         between consecutive images."""
         image = self.tokens.image
@@ -291,7 +291,7 @@ class Processor:
         run = re.compile(f"(?:{re.escape(image)})+")
         return run.sub(lambda m: before + (image + after) * (len(m.group()) // len(image)), text)
 
-    def _pixel_values(self, images: list[list[Image.Image]]) -> Tensor:
+    def pixel_values(self, images: list[list[Image.Image]]) -> Tensor:
         """(B, N_max, C, H, W), zeros beyond each prompt's own images."""
         flat = [im for sample in images for im in sample]
         # with no image in the batch, a blank one gives the processor's output shape

@@ -1,0 +1,1 @@
+"""Data: one document schema, the field's formats, streaming shards, a synthetic world."""
