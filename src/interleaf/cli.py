@@ -71,6 +71,47 @@ def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every
     print(f"wrote an interleaf checkpoint to {out}")
 
 
+def data_convert(
+    fmt: str, src: Path, out: Path, *, shard_size: int, max_skip_rate: float, image_root: Path | None
+) -> None:
+    """Read ``src`` in format ``fmt`` and write webdataset shards of ``shard_size`` documents."""
+    from interleaf.data.formats import read
+    from interleaf.data.schema import SkipCounter
+    from interleaf.data.shards import write_shards
+
+    counter = SkipCounter(max_skip_rate=max_skip_rate)
+    options = {"image_root": image_root} if image_root is not None else {}
+    shards = write_shards(read(src, fmt, counter=counter, **options), out, max_samples=shard_size, counter=counter)
+    print(f"wrote {len(shards)} shards to {out}; {counter.report()}")
+
+
+def data_inspect(spec: str, samples: int) -> None:
+    """Counts over shards, and the first few documents."""
+    from collections import Counter
+
+    from interleaf.data.schema import SkipCounter
+    from interleaf.data.shards import expand, read_shard
+
+    counter, kinds, images, shown = SkipCounter(max_skip_rate=1.0), Counter(), 0, 0
+    for shard in expand(spec):
+        for doc in read_shard(shard, counter):
+            kinds["chat" if doc.is_chat else f"{len(doc.images)} image(s)"] += 1
+            images += len(doc.images)
+            if shown < samples:
+                shown += 1
+                parts = [f"[image {len(s.image.data)} B]" if s.image else repr(s.text[:60]) for s in doc.segments]
+                print(f"{doc.id} ({doc.source or 'no source'}): " + " ".join(parts))
+    print(f"{counter.seen - sum(counter.skipped.values())} documents, {images} images; by kind: {dict(kinds)}")
+    print(counter.report())
+
+
+def data_tinyworld(out: Path, seed: int, n_train: int, n_eval: int, image_size: int) -> None:
+    from interleaf.data import tinyworld
+
+    tinyworld.write(out, seed=seed, n_train=n_train, n_eval=n_eval, image_size=image_size)
+    print(f"wrote the tiny world (seed {seed}) to {out}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="interleaf", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -99,6 +140,26 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--lm", help="OpenFlamingo: the language model (hub id or directory), e.g. anas-awadalla/mpt-7b")
     c.add_argument("--vision", default="openai/clip-vit-large-patch14", help="OpenFlamingo: the HF CLIP vision tower")
     c.add_argument("--cross-attn-every-n-layers", type=int, help="OpenFlamingo: checked against the checkpoint")
+
+    data = verbs.add_parser("data", help="convert, inspect and generate training data").add_subparsers(
+        dest="data_verb", required=True
+    )
+    dc = data.add_parser("convert", help="a dataset in a known format -> webdataset shards")
+    dc.add_argument("format", help="mmc4, obelics, pairs_wds, pairs_parquet, llava, annt")
+    dc.add_argument("src", type=Path, help="a file or a directory of files in that format")
+    dc.add_argument("out", type=Path, help="directory for the shards")
+    dc.add_argument("--shard-size", type=int, default=1000, help="documents per shard")
+    dc.add_argument("--max-skip-rate", type=float, default=0.2, help="fail when more are skipped")
+    dc.add_argument("--image-root", type=Path, help="where the format's image files are")
+    di = data.add_parser("inspect", help="counts and a few samples of webdataset shards")
+    di.add_argument("shards", help="a directory, a glob or a brace pattern of .tar shards")
+    di.add_argument("--samples", type=int, default=3)
+    dt = data.add_parser("tinyworld", help="write the synthetic tiny world in the real formats")
+    dt.add_argument("out", type=Path)
+    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--n-train", type=int, default=2000)
+    dt.add_argument("--n-eval", type=int, default=200)
+    dt.add_argument("--image-size", type=int, default=32)
     return p
 
 
@@ -108,6 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "demo":
             demo(args.out, args.steps, args.seed)
+        elif args.verb == "data":
+            if args.data_verb == "convert":
+                data_convert(
+                    args.format,
+                    args.src,
+                    args.out,
+                    shard_size=args.shard_size,
+                    max_skip_rate=args.max_skip_rate,
+                    image_root=args.image_root,
+                )
+            elif args.data_verb == "inspect":
+                data_inspect(args.shards, args.samples)
+            else:
+                data_tinyworld(args.out, args.seed, args.n_train, args.n_eval, args.image_size)
         elif args.verb == "convert":
             convert(
                 args.format, args.src, args.dst, lm=args.lm, vision=args.vision, every=args.cross_attn_every_n_layers

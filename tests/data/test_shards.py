@@ -107,3 +107,43 @@ def test_expand_specs(tmp_path):
     with pytest.raises(ValueError, match="no shards found"):
         expand(tmp_path / "empty-dir-*.tar")
     assert png()
+
+
+def test_data_verbs_convert_and_inspect(tmp_path, capsys):
+    import json
+
+    from interleaf.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png())
+    lines = [
+        {
+            "url": "u1",
+            "text_list": ["one.", "two."],
+            "image_info": [
+                {"image_name": "a.png", "raw_url": "http://x/a.png", "matched_text_index": 1, "matched_sim": 0.3}
+            ],
+        },
+        {"url": "u2", "text_list": ["alone."], "image_info": []},
+        "not json",
+    ]
+    (tmp_path / "docs.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    code = main(
+        [
+            "data",
+            "convert",
+            "mmc4",
+            str(tmp_path / "docs.jsonl"),
+            str(tmp_path / "shards"),
+            "--image-root",
+            str(images),
+            "--max-skip-rate",
+            "0.9",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "wrote 1 shards" in out and "malformed_json: 1" in out
+    assert main(["data", "inspect", str(tmp_path / "shards"), "--samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 documents, 1 images" in out and "'one.'" in out
