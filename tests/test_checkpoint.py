@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from conftest import TEXTS, encode, open_gates
 from interleaf import Flamingo, FlamingoConfig
 from interleaf.checkpoint import WEIGHTS
 from interleaf.config import ResamplerConfig
+
+from conftest import TEXTS, encode, open_gates
 
 
 def logits(model):

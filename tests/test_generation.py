@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from conftest import TEXTS, encode
 from interleaf.generation import GenerationConfig, stream
 from interleaf.tiny import LM_FAMILIES
+
+from conftest import TEXTS, encode
 
 NO_STOP = dict(stop_at_eos=False, stop_at_end_of_chunk=False)
 

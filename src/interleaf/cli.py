@@ -79,10 +79,11 @@ def data_convert(
     from interleaf.data.schema import SkipCounter
     from interleaf.data.shards import write_shards
 
-    counter = SkipCounter(max_skip_rate=max_skip_rate)
+    reading, writing = SkipCounter(max_skip_rate=max_skip_rate), SkipCounter(max_skip_rate=max_skip_rate)
     options = {"image_root": image_root} if image_root is not None else {}
-    shards = write_shards(read(src, fmt, counter=counter, **options), out, max_samples=shard_size, counter=counter)
-    print(f"wrote {len(shards)} shards to {out}; {counter.report()}")
+    docs = read(src, fmt, counter=reading, **options)
+    shards = write_shards(docs, out, max_samples=shard_size, counter=writing)
+    print(f"wrote {len(shards)} shards to {out}; read: {reading.report()}; written: {writing.report()}")
 
 
 def data_inspect(spec: str, samples: int) -> None:

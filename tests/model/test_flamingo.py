@@ -2,11 +2,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import TEXTS, encode, open_gates, tiny_config
 from interleaf import Flamingo
 from interleaf.config import CrossAttentionConfig, LMConfig, ResamplerConfig, TrainableConfig, VisionConfig
 from interleaf.model.masks import flamingo_labels, position_ids
 from interleaf.tiny import LM_FAMILIES, build_lm, build_tokenizer
+
+from conftest import TEXTS, encode, open_gates, tiny_config
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
