@@ -113,6 +113,46 @@ def data_tinyworld(out: Path, seed: int, n_train: int, n_eval: int, image_size: 
     print(f"wrote the tiny world (seed {seed}) to {out}")
 
 
+def evaluate(
+    model_dir: str,
+    task: str,
+    *,
+    root: str | None,
+    shots: list[int],
+    demos: str,
+    trials: int,
+    seed: int,
+    batch_size: int,
+    limit: int | None,
+    out: Path,
+) -> None:
+    """Few-shot evaluation of a checkpoint on a task; prints the summary table."""
+    from interleaf.eval.harness import EvalConfig
+    from interleaf.eval.harness import evaluate as run
+    from interleaf.eval.report import table
+    from interleaf.eval.rices import Rices
+    from interleaf.eval.tasks import load_task
+    from interleaf.model.flamingo import Flamingo
+    from interleaf.processing import Processor
+
+    spec, support, queries = load_task(task, root)
+    cfg = EvalConfig(shots=tuple(shots), demos=demos, trials=trials, seed=seed, batch_size=batch_size, limit=limit)
+    model, processor = Flamingo.from_pretrained(model_dir), Processor.from_pretrained(model_dir)
+    rices = Rices.from_model(model, processor, cache_dir=out.parent / ".rices") if demos == "rices" else None
+    report = run(model, processor, spec, support, queries, cfg, model_name=model_dir, out=out, rices=rices)
+    print(table([report]))
+    print(f"results: {out}")
+
+
+def eval_report(paths: list[str], out: Path | None) -> None:
+    from interleaf.eval.report import load, plot, table
+
+    reports = load(paths)
+    print(table(reports))
+    if out is not None:
+        print(f"plot: {plot(reports, out)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="interleaf", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -142,6 +182,20 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--vision", default="openai/clip-vit-large-patch14", help="OpenFlamingo: the HF CLIP vision tower")
     c.add_argument("--cross-attn-every-n-layers", type=int, help="OpenFlamingo: checked against the checkpoint")
 
+    e = verbs.add_parser("eval", help="few-shot evaluation (or: eval report RESULTS.json ... --out plot.png)")
+    e.add_argument("action", nargs="?", choices=["report"], help="report: table and plot of result files")
+    e.add_argument("results", nargs="*", help="report: result files")
+    e.add_argument("--model", help="an interleaf checkpoint directory or hub id")
+    e.add_argument("--task", help="a built-in task name or a task YAML file")
+    e.add_argument("--root", help="the task's data directory (where its files are)")
+    e.add_argument("--shots", type=int, nargs="+", default=[0, 4])
+    e.add_argument("--demos", choices=["random", "rices"], default="random")
+    e.add_argument("--trials", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--limit", type=int, help="evaluate only the first N queries")
+    e.add_argument("--out", type=Path, help="results JSON (run) or plot PNG (report)")
+
     data = verbs.add_parser("data", help="convert, inspect and generate training data").add_subparsers(
         dest="data_verb", required=True
     )
@@ -170,6 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "demo":
             demo(args.out, args.steps, args.seed)
+        elif args.verb == "eval" and args.action == "report":
+            eval_report(args.results, args.out)
+        elif args.verb == "eval":
+            if not (args.model and args.task and args.out):
+                raise ValueError("eval needs --model, --task and --out")
+            evaluate(
+                args.model,
+                args.task,
+                root=args.root,
+                shots=args.shots,
+                demos=args.demos,
+                trials=args.trials,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                out=args.out,
+            )
         elif args.verb == "data":
             if args.data_verb == "convert":
                 data_convert(

@@ -212,6 +212,10 @@ def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {name}: expected a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, where, f"{name}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: {name}: expected a list, got {value!r}")

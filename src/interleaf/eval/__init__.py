@@ -1,0 +1,1 @@
+"""Few-shot evaluation: tasks, prompting with demonstrations, reference-exact metrics."""

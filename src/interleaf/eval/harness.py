@@ -1,0 +1,293 @@
+"""The one evaluation harness: few-shot prompts with images in the demonstrations, answers
+by generation or by ranking candidates, reference-exact metrics, resumable results.
+
+Conventions (Flamingo, OpenFlamingo): demonstrations are drawn per query (by seed, or by
+RICES with the most similar last); "0-shot" shows two text-only demonstrations (their
+images removed) so that the model sees the answer format; several trials give a mean and a
+standard deviation. Ranking scores each candidate answer by its length-normalised
+log-likelihood after the prompt, with the prompt encoded once and its KV cache shared by all
+candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interleaf.eval.task import Example, TaskSpec
+
+ZERO_SHOT_TEXT_DEMOS = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    shots: tuple[int, ...] = (0, 4)
+    demos: str = "random"  # or "rices"
+    trials: int = 1
+    seed: int = 0
+    batch_size: int = 8
+    limit: int | None = None  # evaluate only the first `limit` queries
+
+    def __post_init__(self):
+        if self.demos not in ("random", "rices"):
+            raise ValueError(f"demos must be 'random' or 'rices', got {self.demos!r}")
+        if any(k < 0 for k in self.shots) or self.trials < 1 or self.batch_size < 1:
+            raise ValueError(f"bad evaluation config: {self}")
+
+
+def config_hash(spec: TaskSpec, cfg: EvalConfig, model_name: str) -> str:
+    blob = json.dumps({"task": asdict(spec), "eval": asdict(cfg), "model": model_name}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Prompter:
+    """Builds the prompt and images of one query with its demonstrations."""
+
+    def __init__(self, spec: TaskSpec, processor):
+        self.spec = spec
+        eoc = processor.tokens.end_of_chunk
+        self.chunk_end = eoc if eoc is not None else "\n"  # IDEFICS has no end-of-chunk token
+
+    def _text(self, text: str) -> str:
+        return text.replace("<|endofchunk|>", self.chunk_end)
+
+    def build(self, query: Example, demos: Sequence[Example], *, text_only: bool) -> tuple[str, list]:
+        parts, images = [], []
+        for demo in demos:
+            parts.append(self._text(self.spec.demonstration(demo, image=not text_only)))
+            if not text_only:
+                images.append(demo.image)
+        parts.append(self.spec.query_text(query))
+        images.append(query.image)
+        return "".join(parts), [ref.load() for ref in images]
+
+
+def choose_demos(
+    support: Sequence[Example], query_index: int, shots: int, *, seed: int, ranked: Sequence[int] | None = None
+) -> tuple[list[Example], bool]:
+    """The demonstrations of one query, and whether they are text-only (0-shot).
+
+    Random: a sample seeded by (seed, query index), so a query's demonstrations do not depend
+    on the batch it is in. RICES: ``ranked`` support indices, most similar first; they are
+    used most similar last.
+    """
+    count, text_only = (ZERO_SHOT_TEXT_DEMOS, True) if shots == 0 else (shots, False)
+    if count > len(support):
+        raise ValueError(f"{shots}-shot needs {count} demonstrations, the support set has {len(support)}")
+    if ranked is not None and not text_only:
+        return [support[i] for i in reversed(ranked[:count])], False
+    rng = random.Random(seed * 1_000_003 + query_index)
+    return rng.sample(list(support), count), text_only
+
+
+def answer_text(raw: str, spec: TaskSpec) -> str:
+    """The answer part of a generation: cut at the first stop string, stripped."""
+    for stop in (*spec.stop_strings, "<|endofchunk|>", "\n"):
+        raw = raw.split(stop)[0]
+    return raw.strip()
+
+
+@torch.no_grad()
+def rank_candidates(model, processor, prompts: list[str], images: list[list], candidates: list[list[str]]) -> list:
+    """Length-normalised log-likelihood of each candidate after each prompt.
+
+    Each prompt is encoded once; its KV cache (and its images' keys/values) serve all its
+    candidates, which run as one batch.
+    """
+    from interleaf.model.masks import position_ids
+
+    scores = []
+    for prompt, imgs, cands in zip(prompts, images, candidates):
+        batch = processor(prompt, images=imgs)
+        media = model.prepare_media(batch["input_ids"], batch["pixel_values"])
+        out = model.step(
+            batch["input_ids"],
+            history_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            media=media,
+            use_cache=True,
+        )
+        first = model.language_model.logits(out.last_hidden_state[:, -1]).float().log_softmax(-1)[0]
+        tokens = [processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands]
+        scores.append(_continuations(model, batch, media, out.past_key_values, first, tokens, position_ids))
+    return scores
+
+
+def _continuations(model, batch, media, past, first_logprobs, tokens: list[list[int]], position_ids) -> list[float]:
+    """Mean log-probability of each token sequence continuing the cached prompt."""
+    n, width = len(tokens), max(len(t) for t in tokens)
+    pad = model.ids.pad
+    cont = torch.tensor([t + [pad] * (width - len(t)) for t in tokens])
+    valid = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens])
+    logprob = first_logprobs[cont[:, 0]]
+    if width > 1:
+        past.batch_repeat_interleave(n)
+        history = torch.cat([batch["input_ids"].expand(n, -1), cont], dim=1)
+        mask = torch.cat([batch["attention_mask"].expand(n, -1), valid], dim=1)
+        step_media = media.select(torch.zeros(n, dtype=torch.long)) if media is not None else None
+        out = model.step(
+            cont[:, :-1],
+            history_ids=history[:, :-1],
+            attention_mask=mask[:, :-1],
+            media=step_media,
+            past_key_values=past,
+        )
+        rest = model.language_model.logits(out.last_hidden_state).float().log_softmax(-1)
+        following = rest.gather(-1, cont[:, 1:, None])[..., 0] * valid[:, 1:]
+        logprob = logprob + following.sum(-1)
+    return (logprob / valid.sum(-1)).tolist()
+
+
+def evaluate(
+    model,
+    processor,
+    spec: TaskSpec,
+    support: Sequence[Example],
+    queries: Sequence[Example],
+    cfg: EvalConfig,
+    *,
+    model_name: str = "",
+    out: str | Path | None = None,
+    rices=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``queries`` at every shot count and trial; returns (and writes to ``out``)
+    the results. With ``out``, finished samples are appended to ``out + '.partial.jsonl'`` as
+    they come, and a rerun after a crash skips them."""
+    from tqdm import tqdm
+
+    from interleaf.eval.scoring import score_task
+
+    queries = list(queries)[: cfg.limit] if cfg.limit else list(queries)
+    digest = config_hash(spec, cfg, model_name)
+    done = _load_partial(out, digest)
+    prompter = Prompter(spec, processor)
+    ranked = rices.rank(queries, support) if (rices is not None and cfg.demos == "rices") else None
+    runs = [(k, t) for t in range(cfg.trials) for k in cfg.shots]
+    bar = tqdm(total=len(runs) * len(queries), desc=f"eval {spec.name}", disable=not progress)
+    results = []
+    for shots, trial in runs:
+        samples = done.get((shots, trial), {})
+        bar.update(len(samples))
+        todo = [i for i, q in enumerate(queries) if q.id not in samples]
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start : start + cfg.batch_size]
+            for sample in _run_batch(
+                model, processor, spec, prompter, support, queries, chunk, shots, trial, cfg, ranked
+            ):
+                samples[sample["id"]] = sample
+                _append_partial(out, digest, shots, trial, sample)
+            bar.update(len(chunk))
+        ordered = [samples[q.id] for q in queries]
+        results.append(
+            {"shots": shots, "trial": trial, "score": score_task(spec, queries, ordered), "samples": ordered}
+        )
+    bar.close()
+    report = _report(spec, cfg, digest, model_name, results)
+    if out is not None:
+        Path(out).write_text(json.dumps(report, indent=1))
+        _partial_path(out).unlink(missing_ok=True)
+    return report
+
+
+def _run_batch(model, processor, spec, prompter, support, queries, chunk, shots, trial, cfg, ranked) -> list[dict]:
+    seed = cfg.seed + 7919 * trial
+    built = []
+    for i in chunk:
+        demos, text_only = choose_demos(support, i, shots, seed=seed, ranked=None if ranked is None else ranked[i])
+        prompt, images = prompter.build(queries[i], demos, text_only=text_only)
+        built.append((queries[i], demos, prompt, images))
+    if spec.answer_mode == "rank":
+        cands = [list(spec.fixed_candidates) if spec.candidates == "fixed" else list(q.options) for q, *_ in built]
+        texts = [[spec.answer_prefix + c for c in cs] for cs in cands]
+        scores = rank_candidates(model, processor, [b[2] for b in built], [b[3] for b in built], texts)
+        return [
+            _sample(q, demos, prompt, raw=None, answer=c[max(range(len(c)), key=s.__getitem__)], scores=dict(zip(c, s)))
+            for (q, demos, prompt, _), c, s in zip(built, cands, scores)
+        ]
+    batch = processor([b[2] for b in built], images=[b[3] for b in built])
+    ids = model.generate(
+        **batch,
+        max_new_tokens=spec.max_new_tokens,
+        num_beams=spec.num_beams,
+        length_penalty=spec.length_penalty,
+        stop_strings=spec.stop_strings,
+    )
+    raws = processor.batch_decode(ids, skip_special_tokens=True)
+    return [
+        _sample(q, demos, prompt, raw=raw, answer=answer_text(raw, spec))
+        for (q, demos, prompt, _), raw in zip(built, raws)
+    ]
+
+
+def _sample(query: Example, demos, prompt: str, *, raw, answer: str, scores=None) -> dict:
+    sample = {"id": query.id, "demos": [d.id for d in demos], "prompt": prompt, "raw": raw, "answer": answer}
+    if scores is not None:
+        sample["scores"] = scores
+    return sample
+
+
+def _partial_path(out: str | Path) -> Path:
+    return Path(f"{out}.partial.jsonl")
+
+
+def _load_partial(out, digest: str) -> dict[tuple[int, int], dict[str, dict]]:
+    done: dict[tuple[int, int], dict[str, dict]] = {}
+    if out is None or not _partial_path(out).exists():
+        return done
+    for line in _partial_path(out).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by the crash
+        if row.get("config_hash") == digest:
+            done.setdefault((row["shots"], row["trial"]), {})[row["sample"]["id"]] = row["sample"]
+    return done
+
+
+def _append_partial(out, digest: str, shots: int, trial: int, sample: dict) -> None:
+    if out is None:
+        return
+    with _partial_path(out).open("a") as f:
+        f.write(json.dumps({"config_hash": digest, "shots": shots, "trial": trial, "sample": sample}) + "\n")
+
+
+def _report(spec: TaskSpec, cfg: EvalConfig, digest: str, model_name: str, results: list[dict]) -> dict:
+    import platform
+
+    import transformers
+
+    import interleaf
+
+    summary = {}
+    for shots in cfg.shots:
+        values = [r["score"] for r in results if r["shots"] == shots]
+        summary[str(shots)] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "trials": values,
+        }
+    return {
+        "task": spec.name,
+        "metric": spec.metric,
+        "model": model_name,
+        "config": {"task": asdict(spec), "eval": asdict(cfg)},
+        "config_hash": digest,
+        "zero_shot": f"{ZERO_SHOT_TEXT_DEMOS} text-only demonstrations (OpenFlamingo's convention)",
+        "versions": {
+            "interleaf": interleaf.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "summary": summary,
+        "results": results,
+    }
