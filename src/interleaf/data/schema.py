@@ -39,12 +39,11 @@ class ImageRef:
         if sum(x is not None for x in (self.data, self.path, self.url)) != 1:
             raise DataError("bad_image_ref", "an image needs exactly one of data, path or url")
 
-    def load(self) -> Image.Image:
-        """Decode to an RGB PIL image. Every failure is a :class:`DataError` with a reason:
-        ``missing_image``, ``url_image`` (not fetched), ``empty_image``, ``corrupt_image``,
-        ``huge_image``."""
+    def raw(self) -> bytes:
+        """The encoded bytes; :class:`DataError` ``url_image`` (not fetched), ``missing_image``
+        or ``empty_image`` when there are none."""
         if self.url is not None:
-            raise DataError("url_image", f"image {self.url!r} is a URL; download images before training")
+            raise DataError("url_image", f"image {self.url!r} is a URL; download images first")
         if self.path is not None:
             try:
                 raw = Path(self.path).read_bytes()
@@ -52,7 +51,14 @@ class ImageRef:
                 raise DataError("missing_image", f"cannot read image file {self.path!r}: {e.strerror or e}") from None
         else:
             raw = self.data
-        return decode_image(raw)
+        if not raw:
+            raise DataError("empty_image", "zero-byte image")
+        return raw
+
+    def load(self) -> Image.Image:
+        """Decode to an RGB PIL image; failures are :class:`DataError`s with the reasons of
+        :meth:`raw` and ``corrupt_image`` or ``huge_image``."""
+        return decode_image(self.raw())
 
 
 def decode_image(raw: bytes) -> Image.Image:

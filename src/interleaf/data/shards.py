@@ -25,17 +25,7 @@ _MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"GIF8": "gif", b"RIFF": "w
 
 def image_bytes(ref: ImageRef) -> tuple[bytes, str]:
     """Encoded bytes and a file extension for an image reference (no decoding)."""
-    if ref.url is not None:
-        raise DataError("url_image", f"image {ref.url!r} is a URL; download images before writing shards")
-    if ref.path is not None:
-        try:
-            raw = Path(ref.path).read_bytes()
-        except OSError as e:
-            raise DataError("missing_image", f"cannot read image file {ref.path!r}: {e.strerror or e}") from None
-    else:
-        raw = ref.data
-    if not raw:
-        raise DataError("empty_image", "zero-byte image")
+    raw = ref.raw()
     ext = next((e for magic, e in _MAGIC.items() if raw.startswith(magic)), "bin")
     return raw, ext
 
