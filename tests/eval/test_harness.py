@@ -175,3 +175,21 @@ def test_bad_inputs(model_and_processor, world):
         choose_demos(support, 0, 32, seed=0)
     with pytest.raises(ValueError, match="demos must be"):
         EvalConfig(demos="best")
+
+
+@pytest.mark.parametrize("task", ["tinyworld_caption", "tinyworld_vqa"])
+def test_generation_tasks_are_scored_by_their_reference_metrics(model_and_processor, world, task):
+    from interleaf.eval.metrics import cider, vqa_accuracy
+
+    model, processor = model_and_processor
+    spec, support, queries = load_task(task, world)
+    spec = dataclasses.replace(spec, max_new_tokens=4, num_beams=1)
+    report = evaluate(model, processor, spec, support, queries, EvalConfig(shots=(2,), limit=4), progress=False)
+    samples, queries = report["results"][0]["samples"], queries[:4]
+    if spec.metric == "cider":
+        expected = cider(
+            {q.id: s["answer"] for q, s in zip(queries, samples)}, {q.id: list(q.answers) for q in queries}
+        )
+    else:
+        expected = sum(vqa_accuracy(s["answer"], list(q.answers)) for q, s in zip(queries, samples)) / 4
+    assert report["summary"]["2"]["mean"] == pytest.approx(expected)

@@ -1,4 +1,3 @@
-
 """Task readers on tiny fixtures in the real file layouts, their errors, and the task files."""
 
 import dataclasses

@@ -9,16 +9,19 @@ from interleaf.eval.task import Example, TaskSpec
 
 
 def score_task(spec: TaskSpec, queries: Sequence[Example], samples: Sequence[dict]) -> float:
-    """CIDEr, VQA accuracy (OK-VQA's variant for ``okvqa``), top-1 accuracy, or ROC AUC."""
+    """CIDEr, VQA accuracy (the official evaluation's normalisation; OK-VQA predictions
+    stemmed first, as OpenFlamingo does), top-1 accuracy, or ROC AUC."""
     answers = [s["answer"] for s in samples]
     if spec.metric == "cider":
         from interleaf.eval.metrics import cider
 
         return cider({q.id: a for q, a in zip(queries, answers)}, {q.id: list(q.answers) for q in queries})
     if spec.metric in ("vqa", "okvqa"):
-        from interleaf.eval.metrics import vqa_accuracy
+        from interleaf.eval.metrics import okvqa_stem, vqa_accuracy
 
-        per_item = [vqa_accuracy(a, list(q.answers), okvqa=spec.metric == "okvqa") for q, a in zip(queries, answers)]
+        if spec.metric == "okvqa":  # OpenFlamingo stems OK-VQA predictions before scoring
+            answers = [okvqa_stem(a) for a in answers]
+        per_item = [vqa_accuracy(a, list(q.answers), convention="vqa") for q, a in zip(queries, answers)]
         return sum(per_item) / len(per_item)
     if spec.metric == "accuracy":
         return sum(a == q.answers[0] for q, a in zip(queries, answers)) / len(queries)
