@@ -95,7 +95,7 @@ def test_resume_skips_finished_samples(model_and_processor, world, tmp_path, mon
     model, processor = model_and_processor
     spec, support, queries = vqa_as_accuracy(world)
     cfg = EvalConfig(shots=(2,), batch_size=2, limit=6)
-    out = tmp_path / "results.json"
+    out = tmp_path / "new" / "dir" / "results.json"
     full = evaluate(model, processor, spec, support, queries, cfg, out=tmp_path / "full.json", progress=False)
     calls = []
     original = harness._run_batch

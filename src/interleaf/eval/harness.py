@@ -167,6 +167,8 @@ def evaluate(
     from interleaf.eval.scoring import score_task
 
     queries = list(queries)[: cfg.limit] if cfg.limit else list(queries)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     digest = config_hash(spec, cfg, model_name)
     done = _load_partial(out, digest)
     prompter = Prompter(spec, processor)
