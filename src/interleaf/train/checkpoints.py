@@ -1,0 +1,133 @@
+"""Training checkpoints: written atomically, pruned to the last K, read back or skipped.
+
+A checkpoint is a directory ``checkpoint-<step>`` holding ``trainable.safetensors`` (the
+trainable weights) and ``state.pt`` (optimiser, scheduler, RNG states, data-loader state and
+step). It is written to a temporary directory, fsynced, then renamed into place, so a crash
+leaves either a whole checkpoint or none; one damaged later on disk is detected on reading.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "trainable.safetensors"
+STATE = "state.pt"
+PATTERN = re.compile(r"checkpoint-(\d+)")
+READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError)
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, read fully into memory before anything is restored."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, as plain data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(out_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically under ``out_dir`` and prune to ``keep_last``."""
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / WEIGHTS, metadata={"step": str(step)})
+    torch.save({**state, "step": step}, tmp / STATE)
+    for file in (tmp / WEIGHTS, tmp / STATE, tmp):
+        _fsync(file)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(out_dir)
+    prune(out_dir, keep_last)
+    return final
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The checkpoint directories of ``out_dir``, oldest first."""
+    found = [(int(m.group(1)), p) for p in out_dir.glob("checkpoint-*") if (m := PATTERN.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune(out_dir: Path, keep_last: int) -> None:
+    for path in checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(path)
+
+
+def read(path: Path) -> Checkpoint:
+    """Read a checkpoint whole; raises one of ``READ_ERRORS`` if a file is missing or damaged."""
+    weights = load_file(path / WEIGHTS)
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    if "step" not in state:
+        raise KeyError(f"{path / STATE} holds no step")
+    return Checkpoint(path, weights, state)
+
+
+def latest(out_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint of ``out_dir``; damaged ones are skipped with a warning."""
+    for path in reversed(checkpoints(out_dir)):
+        try:
+            return read(path)
+        except READ_ERRORS as e:
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", stacklevel=2)
+    return None
+
+
+def restore_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy the saved trainable weights into ``model``; the names must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(weights):
+        diff = sorted(set(params) ^ set(weights))
+        raise ValueError(f"checkpoint weights do not match the model's trainable parameters, e.g. {diff[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])

@@ -1,0 +1,114 @@
+"""The training loop: loss falls, frozen weights stay, checkpoints resume exactly."""
+
+import dataclasses
+import json
+import signal
+
+import pytest
+import torch
+
+from interleaf.data.collate import CollateConfig
+from interleaf.data.shards import write_shards
+from interleaf.data.stream import Loader
+from interleaf.data.tinyworld import iter_train_documents
+from interleaf.train import loop as loop_module
+from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
+from interleaf.train.loop import train
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    write_shards(iter_train_documents(seed=0, n=60), out, max_samples=20)
+    return str(out)
+
+
+def recipe(backbones, shards, out_dir, **train) -> Recipe:
+    return Recipe(
+        model=tiny_config(backbones),
+        data=DataConfig(
+            sources={"world": SourceConfig(shards=shards)},
+            batch_size=4,
+            collate=CollateConfig(max_tokens=96, max_images=3),
+        ),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine", accumulation=2),
+        train=TrainConfig(out_dir=str(out_dir), progress=False, log_every=1, **train),
+    )
+
+
+class SignalAfter(Loader):
+    """A loader that raises SIGTERM as it hands out batch ``at`` (as a kill mid-run would)."""
+
+    def __init__(self, loader: Loader, at: int):
+        super().__init__(loader.dataset, num_workers=loader.num_workers)
+        self.at = at
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.batches == self.at:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+
+def test_loss_falls_and_frozen_weights_stay(backbones, make_model, shards, tmp_path):
+    model = make_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    rec = recipe(backbones, shards, tmp_path, steps=30, checkpoint_every=10, keep_last=2)
+    rec = dataclasses.replace(rec, optim=dataclasses.replace(rec.optim, lr=1e-2))
+    result = train(rec, model=model)
+    losses = [result["losses"][s] for s in range(1, 31)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses  # only the new layers learn
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, frozen[name]), name
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert set(records[0]) == {"step", "loss", "lr", "tokens", "seconds"}
+    assert (result["final"] / "model.safetensors").exists() and (result["final"] / "processor_config.json").exists()
+
+
+def run_interrupted(backbones, make_model, shards, out_dir, stop_at: int, **train_kw):
+    """Train to 12 steps, killed by SIGTERM at step ``stop_at``; returns the first call's result."""
+    rec = recipe(backbones, shards, out_dir, steps=12, **train_kw)
+    model = make_model()
+    processor = loop_module.Processor.from_backbones(rec.model.lm.source, rec.model.vision.source)
+    loader = SignalAfter(loop_module.build_loader(rec.data, processor), at=stop_at * rec.optim.accumulation)
+    return rec, train(rec, model=model, processor=processor, loader=loader)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(backbones, make_model, shards, tmp_path):
+    full = train(recipe(backbones, shards, tmp_path / "full", steps=12, checkpoint_every=4), model=make_model())
+    rec, first = run_interrupted(backbones, make_model, shards, tmp_path / "cut", 6, checkpoint_every=4)
+    assert first["stopped"] and first["step"] == 6 and first["final"] is None
+    assert first["checkpoint"].name == "checkpoint-6"
+    second = train(rec, model=make_model())
+    assert sorted(second["losses"]) == list(range(7, 13))
+    for step in range(1, 13):
+        seen = first["losses"].get(step, second["losses"].get(step))
+        assert seen == pytest.approx(full["losses"][step], abs=1e-6), step
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous(backbones, make_model, shards, tmp_path):
+    full = train(recipe(backbones, shards, tmp_path / "full", steps=12, checkpoint_every=4), model=make_model())
+    rec, first = run_interrupted(backbones, make_model, shards, tmp_path / "cut", 6, checkpoint_every=4)
+    damaged = first["checkpoint"] / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="checkpoint-6"):
+        second = train(rec, model=make_model())
+    assert sorted(second["losses"]) == list(range(5, 13))
+    for step in range(5, 13):
+        assert second["losses"][step] == pytest.approx(full["losses"][step], abs=1e-6), step
+
+
+def test_bf16_run_built_from_the_recipe_alone(backbones, shards, tmp_path):
+    rec = recipe(backbones, shards, tmp_path, steps=2, checkpoint_every=2)
+    rec = dataclasses.replace(rec, train=dataclasses.replace(rec.train, precision="bf16"))
+    result = train(rec)
+    assert result["step"] == 2 and (tmp_path / "checkpoint-2").is_dir()
+    assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
