@@ -2,7 +2,7 @@
 
 import pytest
 
-from interleaf.train.config import OptimConfig, Recipe, load_recipe
+from interleaf.train.config import EvalTaskConfig, OptimConfig, Recipe, load_recipe
 
 
 @pytest.fixture
@@ -72,3 +72,48 @@ def test_missing_data_path_names_it(tmp_path, shards):
 def test_no_sources_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="data.sources: no data sources"):
         load_recipe(write(tmp_path, "train: {steps: 3}\n"), [])
+
+
+def test_distributed_logging_and_eval_fields(tmp_path, shards):
+    task = "[{task: tinyworld_vqa, root: /data/tw, shots: [0, 4], limit: 8}]"
+    recipe = load_recipe(
+        write(tmp_path, base(shards)),
+        [
+            "train.parallel=fsdp",
+            "train.fsdp_sharding=hybrid",
+            "train.gradient_checkpointing=true",
+            "train.tensorboard=true",
+            "train.eval_every=50",
+            f"train.eval_tasks={task}",
+            "data.rank_split=rows",
+        ],
+    )
+    cfg = recipe.train
+    assert (cfg.parallel, cfg.fsdp_sharding, cfg.gradient_checkpointing, cfg.tensorboard) == (
+        "fsdp",
+        "hybrid",
+        True,
+        True,
+    )
+    assert cfg.eval_tasks == (EvalTaskConfig(task="tinyworld_vqa", root="/data/tw", shots=(0, 4), limit=8),)
+    assert recipe.data.rank_split == "rows"
+    assert load_recipe(write(tmp_path, base(shards)), []).train.parallel == "auto"
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["train.parallel=horovod"], ["train.parallel", "horovod"]),
+        (["train.fsdp_sharding=zero"], ["train.fsdp_sharding", "zero"]),
+        (["train.eval_every=10"], ["eval_tasks is empty"]),
+        (["train.eval_every=10", "train.eval_tasks=[{shots: [0]}]"], ["eval_tasks[0]", "name a built-in task"]),
+        (["data.rank_split=cols"], ["data.rank_split", "cols"]),
+    ],
+)
+def test_bad_distributed_fields_are_one_line(tmp_path, shards, overrides, words):
+    with pytest.raises(ValueError) as info:
+        load_recipe(write(tmp_path, base(shards)), overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message

@@ -8,7 +8,8 @@ features: the media of one call reach the blocks as a keyword argument of the LM
 (llama, mistral, qwen2, gpt2, gpt_neox, opt, ... pass ``**kwargs`` down to every layer), and,
 for LMs that drop extra keywords on the way (MPT), through a context variable set for
 exactly the duration of that call. The keyword wins where both arrive: it survives
-activation-checkpoint recomputation, which runs outside the call.
+activation-checkpoint recomputation, which runs outside the call (for the context-variable
+route, :func:`checkpoint_contexts` re-enters the call's media around the recomputation).
 """
 
 from __future__ import annotations
@@ -180,6 +181,15 @@ class LanguageModel(nn.Module):
             kwargs["media"] = media
         with media_scope(media):
             return self.base(**kwargs)
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """The ``context_fn`` of a non-reentrant activation checkpoint around a decoder layer:
+    (context of the forward, context of the recomputation in backward). The recomputation runs
+    outside the LM call, so it re-enters the media of the call that ran the forward (LMs that
+    pass the media by keyword get them back with the saved keyword arguments anyway)."""
+    media = _CURRENT_MEDIA.get()
+    return contextlib.nullcontext(), media_scope(media) if media is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -1,6 +1,24 @@
-"""Training: typed recipes, the optimiser and schedule, and the one training loop."""
+"""Training: typed recipes, the optimiser and schedule, the one training loop, and (in
+``parallel``) all of its distributed wrapping."""
 
-from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig, load_recipe
+from interleaf.train.config import (
+    DataConfig,
+    EvalTaskConfig,
+    OptimConfig,
+    Recipe,
+    SourceConfig,
+    TrainConfig,
+    load_recipe,
+)
 from interleaf.train.loop import train
 
-__all__ = ["DataConfig", "OptimConfig", "Recipe", "SourceConfig", "TrainConfig", "load_recipe", "train"]
+__all__ = [
+    "DataConfig",
+    "EvalTaskConfig",
+    "OptimConfig",
+    "Recipe",
+    "SourceConfig",
+    "TrainConfig",
+    "load_recipe",
+    "train",
+]

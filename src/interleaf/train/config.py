@@ -70,9 +70,35 @@ class DataConfig:
     num_workers: int = 0
     collate: CollateConfig = field(default_factory=CollateConfig)
     seed: int = 0
+    # How the batch is split over the processes of a distributed run. batch_size is always the
+    # global micro-batch (summed over ranks) and must be divisible by the world size.
+    # "shards": each rank reads its own slot of the shards and collates batch_size/world rows
+    #   (each document read once; the samples differ from a single-process run's).
+    # "rows": every rank reads the single-process stream of global batches and keeps its rows
+    #   rank::world (every rank reads everything; the same samples as one process, exactly).
+    rank_split: Literal["shards", "rows"] = "shards"
 
     def __post_init__(self):
         _validate(self, ("batch_size",), ("num_workers",))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalTaskConfig:
+    """One task of the in-loop evaluation (``interleaf.eval``), scored every ``train.eval_every`` steps."""
+
+    task: str = ""  # a built-in task name or a task YAML file
+    root: str = ""  # the task's data directory ({root} in the task file)
+    shots: tuple[int, ...] = (0,)
+    limit: int = 0  # evaluate only the first `limit` queries; 0: all
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        _validate(self, ("batch_size",), ("limit",))
+        if not self.task:
+            raise ValueError("EvalTaskConfig.task: name a built-in task or a task YAML file")
+        if not self.shots or any(k < 0 for k in self.shots):
+            raise ValueError(f"EvalTaskConfig.shots must be non-negative shot counts, got {list(self.shots)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,10 +112,23 @@ class TrainConfig:
     out_dir: str = "runs/interleaf"
     resume: str = "auto"  # "auto" (newest readable checkpoint in out_dir), "never", or a checkpoint dir
     seed: int = 0
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (rank 0)
+    # Distribution (see interleaf.train.parallel). One process, or one per device under torchrun /
+    # accelerate launch (RANK, WORLD_SIZE, LOCAL_RANK). "auto": ddp when WORLD_SIZE > 1, else none.
+    parallel: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = "auto"
+    fsdp_sharding: Literal["full", "hybrid"] = "full"  # hybrid: shard within a node, replicate across nodes
+    deepspeed_config: str = ""  # parallel=deepspeed: a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
+    tensorboard: bool = False  # scalars also to out_dir/tensorboard
+    wandb: bool = False  # scalars also to Weights & Biases (needs the wandb package)
+    wandb_project: str = "interleaf"
+    eval_every: int = 0  # optimiser steps between in-loop evaluations; 0: never
+    eval_tasks: tuple[EvalTaskConfig, ...] = ()
 
     def __post_init__(self):
-        _validate(self, ("steps", "log_every", "checkpoint_every", "keep_last"), ("z_loss_weight",))
+        _validate(self, ("steps", "log_every", "checkpoint_every", "keep_last"), ("z_loss_weight", "eval_every"))
+        if self.eval_every and not self.eval_tasks:
+            raise ValueError("TrainConfig.eval_every is set but eval_tasks is empty")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,16 +5,27 @@ newest readable checkpoint when ``train.resume == "auto"``, trains to ``train.st
 steps, and exports ``out_dir/final``. SIGTERM or SIGINT finishes the current step, writes a
 checkpoint and returns; a later ``train`` with ``resume="auto"`` continues exactly where it
 stopped: same weights, optimiser, schedule, RNG and data position, so the same loss curve.
+
+The same function is one rank of a ``torchrun`` / ``accelerate launch`` run: the wrapping
+(DDP, FSDP, DeepSpeed, activation checkpointing) and the collectives live in
+:mod:`interleaf.train.parallel`. ``data.batch_size`` is the global micro-batch; losses and token
+counts are logged as global values; rank 0 alone writes metrics (``metrics.jsonl``, and
+TensorBoard / W&B when asked for), the progress bar (with its ETA) and checkpoints, which hold
+whole weights and optimiser state and every rank's data position. Every ``train.eval_every``
+steps the model is scored few-shot by the evaluation harness on ``train.eval_tasks``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.util
 import json
 import random
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +39,10 @@ from interleaf.data.collate import Collator
 from interleaf.data.shards import ShardStream, expand
 from interleaf.data.stream import BatchStream, Loader, Mixture
 from interleaf.model.flamingo import Flamingo
+from interleaf.model.masks import IGNORE_INDEX
 from interleaf.processing import Processor
-from interleaf.train import checkpoints
-from interleaf.train.config import DataConfig, Recipe
+from interleaf.train import checkpoints, parallel
+from interleaf.train.config import DataConfig, EvalTaskConfig, Recipe, TrainConfig
 from interleaf.train.optim import build_optimizer, build_schedule
 
 METRICS = "metrics.jsonl"
@@ -59,15 +71,29 @@ def _mixture(data: DataConfig, slot: int, num_slots: int) -> Mixture:
 
 
 def build_loader(data: DataConfig, processor: Processor, *, rank: int = 0, world_size: int = 1) -> Loader:
-    """A resumable loader of collated batches from the recipe's data mixture."""
-    stream = BatchStream(
-        functools.partial(_mixture, data),
-        Collator(processor, data.collate),
-        data.batch_size,
-        rank=rank,
-        world_size=world_size,
-    )
+    """A resumable loader of this rank's rows of the global micro-batch (``data.batch_size``
+    rows over all ranks; see ``DataConfig.rank_split`` for how the ranks share the data)."""
+    rows = parallel.rank_batch_size(data.batch_size, world_size)
+    collate = Collator(processor, data.collate)
+    if data.rank_split == "rows" and world_size > 1:
+        stream = BatchStream(functools.partial(_mixture, data), collate, data.batch_size)
+        return RankRows(stream, rank=rank, world_size=world_size, num_workers=data.num_workers)
+    stream = BatchStream(functools.partial(_mixture, data), collate, rows, rank=rank, world_size=world_size)
     return Loader(stream, num_workers=data.num_workers)
+
+
+class RankRows(Loader):
+    """Reads the single-process stream of global batches and keeps rows ``rank::world_size``:
+    the ranks of a run together see exactly the batches one process would see, and each rank's
+    position (hence its saved state) is that of the single-process stream."""
+
+    def __init__(self, dataset: BatchStream, *, rank: int, world_size: int, num_workers: int = 0):
+        super().__init__(dataset, num_workers=num_workers)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            yield {k: v[self.rank :: self.world_size] for k, v in batch.items()}
 
 
 class StopSignal:
@@ -102,40 +128,143 @@ class Window:
     started: float = field(default_factory=time.perf_counter)
 
 
+class Loggers:
+    """Where metrics go (rank 0 only): ``metrics.jsonl``, and TensorBoard / Weights & Biases
+    when the recipe asks for them."""
+
+    def __init__(self, recipe: Recipe, main: bool):
+        cfg = recipe.train
+        self.file = Path(cfg.out_dir) / METRICS
+        self.main = main
+        self.tensorboard = self.wandb = None
+        if not main:
+            return
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(cfg.out_dir) / "tensorboard"))
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.wandb_project, dir=cfg.out_dir, config=dataclasses.asdict(recipe), resume="allow"
+            )
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> None:
+        """One clear line, before anything runs, for a logger asked for but not installed."""
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise RuntimeError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
+        if cfg.wandb and importlib.util.find_spec("wandb") is None:
+            raise RuntimeError("train.wandb=true needs the wandb package (pip install wandb), or set train.wandb=false")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step"}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class GatheredWeights:
+    """Full trainable weights standing in for the model in :func:`checkpoints.save`, which
+    takes their names and values from ``named_parameters()``."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.weights = weights
+
+    def named_parameters(self):
+        for name, tensor in self.weights.items():
+            yield name, torch.nn.Parameter(tensor)
+
+
 @dataclass
 class Run:
-    """Everything the loop mutates, and what it checkpoints."""
+    """Everything the loop mutates, and what it checkpoints.
+
+    ``model`` is the unwrapped model (under FSDP, sharded in place); ``wrapped`` is what the loop
+    calls (the DDP wrapper, the DeepSpeed engine, or ``model``).
+    """
 
     recipe: Recipe
     model: Flamingo
     loader: Loader
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    dist: parallel.Dist = field(default_factory=parallel.Dist)
+    wrapped: torch.nn.Module | None = None
+    processor: Processor | None = None
     step: int = 0
     losses: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.wrapped is None:
+            self.wrapped = self.model
 
     @property
     def out_dir(self) -> Path:
         return Path(self.recipe.train.out_dir)
 
     def state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights (collective: every rank calls it)."""
+        deepspeed = self.dist.kind == "deepspeed"
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if deepspeed else parallel.optimizer_state(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpoints.rng_state(),
-            "data": self.loader.state_dict(),
+            "data": parallel.gather_objects(self.loader.state_dict(), self.dist),  # indexed by rank
+            "world_size": self.dist.world_size,
         }
 
     def save(self) -> Path:
-        return checkpoints.save(self.out_dir, self.step, self.model, self.state(), self.recipe.train.keep_last)
+        """Write ``checkpoint-<step>`` (rank 0) from the gathered weights and states of all ranks."""
+        weights = parallel.trainable_weights(self.model, self.dist)
+        state = self.state()
+        parallel.barrier(self.dist)
+        if self.dist.main:
+            checkpoints.save(self.out_dir, self.step, GatheredWeights(weights), state, self.recipe.train.keep_last)
+        parallel.barrier(self.dist)
+        return self.out_dir / f"checkpoint-{self.step}"
 
     def restore(self, ckpt: checkpoints.Checkpoint) -> None:
-        checkpoints.restore_weights(self.model, ckpt.weights)
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        parallel.load_trainable_weights(self.model, ckpt.weights)
+        if ckpt.state["optimizer"] is None or self.dist.kind == "deepspeed":
+            warnings.warn(f"{ckpt.path}: the optimiser state is not restored; its moments restart", stacklevel=2)
+        else:
+            parallel.load_optimizer_state(self.model, self.optimizer, ckpt.state["optimizer"], self.dist)
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
-        self.loader.load_state_dict(ckpt.state["data"])
+        self._restore_data(ckpt)
         checkpoints.set_rng_state(ckpt.state["rng"])
         self.step = ckpt.state["step"]
+
+    def _restore_data(self, ckpt: checkpoints.Checkpoint) -> None:
+        """This rank's loader position; with another world size, only if all ranks had the same
+        position (``rank_split=rows``), else the data stream restarts (with a warning)."""
+        states = ckpt.state["data"]
+        states = [states] if isinstance(states, dict) else states
+        if len(states) == self.dist.world_size:
+            self.loader.load_state_dict(states[self.dist.rank])
+        elif all(state == states[0] for state in states):
+            self.loader.load_state_dict(states[0])
+        else:
+            warnings.warn(
+                f"{ckpt.path} was written by {len(states)} processes reading their own shards; with "
+                f"{self.dist.world_size} the data stream restarts from its beginning",
+                stacklevel=3,
+            )
 
 
 def train(
@@ -146,8 +275,22 @@ def train(
     loader: Loader | None = None,
 ) -> dict[str, Any]:
     """Train to ``recipe.train.steps`` optimiser steps; return the step reached, this call's
-    per-step losses, whether a signal stopped it, and the last checkpoint and export paths."""
+    per-step losses (global means), whether a signal stopped it, and the last checkpoint and
+    export paths. Runs alone or as one rank of ``torchrun`` / ``accelerate launch``."""
+    Loggers.check(recipe.train)
+    d = parallel.setup(recipe.train)
+    try:
+        return _train(recipe, d, model, processor, loader)
+    finally:
+        parallel.teardown(d)
+
+
+def _train(recipe: Recipe, d: parallel.Dist, model, processor, loader) -> dict[str, Any]:
     cfg = recipe.train
+    parallel.rank_batch_size(recipe.data.batch_size, d.world_size)
+    if d.kind == "deepspeed" and cfg.eval_every:
+        raise ValueError("train.eval_every: in-loop evaluation is not supported with train.parallel=deepspeed")
+    tasks = [load_eval_task(t) for t in cfg.eval_tasks] if cfg.eval_every else []
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if model is None:
@@ -157,37 +300,59 @@ def train(
             recipe.model.lm.source, recipe.model.vision.source, tokens=recipe.model.tokens
         )
     if loader is None:
-        loader = build_loader(recipe.data, processor)
+        loader = build_loader(recipe.data, processor, rank=d.rank, world_size=d.world_size)
+    wrapped = parallel.wrap(model, d, cfg)
     optimizer = build_optimizer(model, recipe.optim)
-    run = Run(recipe, model, loader, optimizer, build_schedule(optimizer, recipe.optim, cfg.steps))
+    if d.kind == "deepspeed":
+        rows = parallel.rank_batch_size(recipe.data.batch_size, d.world_size)
+        wrapped = parallel.deepspeed_engine(model, optimizer, d, cfg, recipe.optim, rows)
+    schedule = build_schedule(optimizer, recipe.optim, cfg.steps)
+    run = Run(recipe, model, loader, optimizer, schedule, d, wrapped, processor)
     resume(run)
+    loggers = Loggers(recipe, d.main)
     stop = StopSignal()
-    with stop.installed():
-        last = loop(run, stop)
-    final = None
-    if stop.received is None:
-        final = Path(cfg.out_dir) / "final"
-        model.save_pretrained(final)
-        processor.save_pretrained(final)
-    return {
-        "step": run.step,
-        "losses": run.losses,
-        "stopped": stop.received is not None,
-        "checkpoint": last,
-        "final": final,
-    }
+    try:
+        with stop.installed():
+            last = loop(run, stop, loggers, tasks)
+    finally:
+        loggers.close()
+    stopped = parallel.any_rank(stop.received is not None, d)
+    final = None if stopped else export(run, Path(cfg.out_dir) / "final")
+    return {"step": run.step, "losses": run.losses, "stopped": stopped, "checkpoint": last, "final": final}
+
+
+def export(run: Run, path: Path) -> Path:
+    """The final model and processor (rank 0), gathered whole from the ranks under FSDP."""
+    from interleaf.checkpoint import save_flamingo, unique_state_dict
+
+    state = parallel.full_state_dict(run.model, run.dist)
+    if run.dist.main:
+        if state is None:
+            run.model.save_pretrained(path)
+        else:
+            keep = unique_state_dict(run.model)
+            save_flamingo(run.model, path, state={k: v for k, v in state.items() if k in keep})
+        run.processor.save_pretrained(path)
+    parallel.barrier(run.dist)
+    return path
 
 
 def resume(run: Run) -> None:
-    """Restore ``run`` from a checkpoint as ``train.resume`` asks; drop later metric lines."""
+    """Restore ``run`` from a checkpoint as ``train.resume`` asks (the one rank 0 picks); drop
+    later metric lines."""
     how = run.recipe.train.resume
     if how == "never":
         return
-    ckpt = checkpoints.latest(run.out_dir) if how == "auto" else checkpoints.read(Path(how))
-    if ckpt is None:
+    path = None
+    if run.dist.main:
+        ckpt = checkpoints.latest(run.out_dir) if how == "auto" else checkpoints.read(Path(how))
+        path = None if ckpt is None else ckpt.path
+    path = parallel.broadcast_object(path, run.dist)
+    if path is None:
         return
-    run.restore(ckpt)
-    _trim_metrics(run.out_dir / METRICS, run.step)
+    run.restore(ckpt if run.dist.main else checkpoints.read(path))
+    if run.dist.main:
+        _trim_metrics(run.out_dir / METRICS, run.step)
 
 
 def _trim_metrics(file: Path, step: int) -> None:
@@ -197,51 +362,98 @@ def _trim_metrics(file: Path, step: int) -> None:
         file.write_text("".join(line + "\n" for line in lines))
 
 
-def loop(run: Run, stop: StopSignal) -> Path | None:
-    """Optimiser steps until ``train.steps`` or a signal; returns the last checkpoint written."""
+def loop(run: Run, stop: StopSignal, loggers: Loggers, tasks: list | None = None) -> Path | None:
+    """Optimiser steps until ``train.steps`` or a signal (on any rank); returns the last
+    checkpoint written."""
     cfg = run.recipe.train
-    run.model.train()
+    run.wrapped.train()
     batches = iter(run.loader)
     window, last = Window(), None
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=not cfg.progress, desc="train")
-    while run.step < cfg.steps and stop.received is None:
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not (cfg.progress and run.dist.main), desc="train")
+    stopping = False
+    while run.step < cfg.steps and not stopping:
         loss, tokens = train_step(run, batches)
         run.step += 1
         run.losses[run.step] = loss
         window.loss, window.steps, window.tokens = window.loss + loss, window.steps + 1, window.tokens + tokens
         bar.update(1)
         if run.step % cfg.log_every == 0:
-            _log(run, window, bar)
+            _log(run, window, bar, loggers)
             window = Window()
-        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stop.received is not None:
+        if cfg.eval_every and run.step % cfg.eval_every == 0:
+            loggers.log({"step": run.step, **evaluate_tasks(run, tasks)})
+        stopping = parallel.any_rank(stop.received is not None, run.dist)
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or stopping:
             last = run.save()
     bar.close()
     return last
 
 
 def train_step(run: Run, batches) -> tuple[float, int]:
-    """One optimiser step over ``optim.accumulation`` micro-batches: mean loss and token count."""
-    ocfg, tcfg = run.recipe.optim, run.recipe.train
-    device = next(run.model.parameters()).device
-    total, tokens = 0.0, 0
-    for _ in range(ocfg.accumulation):
-        batch = {k: v.to(device) for k, v in next(batches).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
-            loss = run.model(**batch, z_loss_weight=tcfg.z_loss_weight).loss
-        (loss / ocfg.accumulation).backward()
-        total += loss.item() / ocfg.accumulation
+    """One optimiser step over ``optim.accumulation`` micro-batches: mean loss and token count,
+    over all ranks.
+
+    With several ranks each scales its summed loss by ``world / (label count of the global
+    micro-batch)``: the averaged gradients are those of the token mean over the global batch.
+    """
+    ocfg, tcfg, d = run.recipe.optim, run.recipe.train, run.dist
+    accumulation = ocfg.accumulation
+    sums, tokens = [], 0
+    for micro in range(accumulation):
+        batch = {k: v.to(d.device) for k, v in next(batches).items()}
+        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        total = parallel.sum_all(count).clamp(min=1) if d.distributed else count.clamp(min=1)
+        with parallel.gradient_sync(run.wrapped, d, micro == accumulation - 1):
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
+                loss = run.wrapped(**batch, z_loss_weight=tcfg.z_loss_weight).loss
+            scaled = loss * count * d.world_size / total if d.distributed else loss
+            if d.kind == "deepspeed":
+                run.wrapped.backward(scaled)  # the engine divides by the accumulation itself
+                run.wrapped.step()  # at the accumulation boundary: clipping, optimiser step, zeroing
+            else:
+                (scaled / accumulation).backward()
+        sums.append(loss.detach().float() * count / total if d.distributed else loss.detach().float())
         tokens += int(batch["attention_mask"].sum())
-    if ocfg.grad_clip > 0:
-        params = [p for p in run.model.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip)
-    run.optimizer.step()
+    if d.kind != "deepspeed":
+        if ocfg.grad_clip > 0:
+            params = [p for p in run.model.parameters() if p.requires_grad]
+            parallel.clip_grad_norm(params, ocfg.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return total, tokens
+    if not d.distributed:
+        return sum(s.item() / accumulation for s in sums), tokens
+    stats = parallel.sum_all(torch.stack([*sums, torch.tensor(float(tokens), device=d.device)]))
+    return stats[:-1].sum().item() / accumulation, int(stats[-1].item())
 
 
-def _log(run: Run, window: Window, bar: tqdm) -> None:
-    """Append the window's metrics to ``metrics.jsonl`` and show them on the progress bar."""
+def load_eval_task(cfg: EvalTaskConfig) -> tuple:
+    """The spec, support and query examples of one in-loop evaluation task, read once."""
+    from interleaf.eval.tasks import load_task
+
+    return cfg, *load_task(cfg.task, cfg.root or None)
+
+
+def evaluate_tasks(run: Run, tasks: list) -> dict[str, float]:
+    """Few-shot scores of the unwrapped model, ``{"eval/<task>/<k>shot": score}``, through the
+    evaluation harness: on rank 0 (on every rank in lockstep under FSDP, whose weights are
+    gathered collectively), in eval mode, back to training mode after."""
+    from interleaf.eval.harness import EvalConfig, evaluate
+
+    scores: dict[str, float] = {}
+    if run.dist.main or run.dist.kind == "fsdp":
+        with parallel.evaluation(run.model, run.dist):
+            for cfg, spec, support, queries in tasks:
+                ecfg = EvalConfig(shots=cfg.shots, seed=cfg.seed, batch_size=cfg.batch_size, limit=cfg.limit or None)
+                report = evaluate(run.model, run.processor, spec, support, queries, ecfg, progress=False)
+                for shots in cfg.shots:
+                    scores[f"eval/{spec.name}/{shots}shot"] = report["summary"][str(shots)]["mean"]
+    parallel.barrier(run.dist)
+    return scores
+
+
+def _log(run: Run, window: Window, bar: tqdm, loggers: Loggers) -> None:
+    """Log the window's metrics and show them on the progress bar (which shows the ETA)."""
     seconds = time.perf_counter() - window.started
     record = {
         "step": run.step,
@@ -250,6 +462,5 @@ def _log(run: Run, window: Window, bar: tqdm) -> None:
         "tokens": window.tokens,
         "seconds": seconds,
     }
-    with open(run.out_dir / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    loggers.log(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{window.tokens / seconds:.0f}")
