@@ -119,6 +119,7 @@ class TrainConfig:
     fsdp_sharding: Literal["full", "hybrid"] = "full"  # hybrid: shard within a node, replicate across nodes
     deepspeed_config: str = ""  # parallel=deepspeed: a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
+    feature_cache: str = ""  # a directory: frozen vision features computed once per image, then read back
     tensorboard: bool = False  # scalars also to out_dir/tensorboard
     wandb: bool = False  # scalars also to Weights & Biases (needs the wandb package)
     wandb_project: str = "interleaf"

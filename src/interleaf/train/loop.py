@@ -301,6 +301,25 @@ def _train(recipe: Recipe, d: parallel.Dist, model, processor, loader) -> dict[s
         )
     if loader is None:
         loader = build_loader(recipe.data, processor, rank=d.rank, world_size=d.world_size)
+    with _feature_cache(model, cfg.feature_cache):
+        return _run(recipe, d, model, processor, loader, tasks)
+
+
+@contextmanager
+def _feature_cache(model: Flamingo, directory: str):
+    """``train.feature_cache``: the frozen vision encoder's features read from (and added to) a
+    cache for the run; the model is given back unwrapped."""
+    if not directory:
+        yield
+        return
+    from interleaf.train.features import FeatureCache, feature_cache
+
+    with feature_cache(model, FeatureCache.for_model(directory, model)):
+        yield
+
+
+def _run(recipe: Recipe, d: parallel.Dist, model, processor, loader, tasks) -> dict[str, Any]:
+    cfg = recipe.train
     wrapped = parallel.wrap(model, d, cfg)
     optimizer = build_optimizer(model, recipe.optim)
     if d.kind == "deepspeed":
