@@ -1,6 +1,6 @@
 import pytest
 
-from interleaf.config import CrossAttentionConfig, FlamingoConfig, TrainableConfig
+from interleaf.config import CrossAttentionConfig, FlamingoConfig, LoraConfig, TrainableConfig
 
 
 def test_json_round_trip(tmp_path):
@@ -33,6 +33,11 @@ def test_configs_are_frozen_and_keyword_only():
         ({"cross_attention": {"interval": 0}}, "cross_attention: CrossAttentionConfig.interval must be >= 1"),
         ({"cross_attention": {"interval": 2, "offset": 2}}, "offset must be < interval=2"),
         ({"resampler": {"num_latents": 0}}, "ResamplerConfig.num_latents must be >= 1"),
+        ({"trainable": {"lora": {"rnak": 2}}}, "trainable.lora: unknown key 'rnak'"),
+        ({"trainable": {"lora": {"rank": 0}}}, "trainable.lora: LoraConfig.rank must be >= 1"),
+        ({"trainable": {"lora": {"dropout": 1.5}}}, r"LoraConfig.dropout must be in \[0, 1\)"),
+        ({"trainable": {"lora": {"target_modules": "q_proj"}}}, "trainable.lora.target_modules: expected a list"),
+        ({"trainable": {"lm": True, "lora": {}}}, "trainable: .*lora .* does not combine with lm=true"),
     ],
 )
 def test_bad_config_names_the_field(data, message):
@@ -49,3 +54,13 @@ def test_unreadable_config_file(tmp_path):
 def test_direct_construction_is_validated_too():
     with pytest.raises(ValueError, match=r"CrossAttentionConfig.activation: expected one of \['gelu'"):
         CrossAttentionConfig(activation="swish")
+
+
+def test_lora_settings_round_trip_through_json(tmp_path):
+    lora = LoraConfig(rank=16, alpha=32.0, dropout=0.1, target_modules=("*.q_proj", "*.v_proj"))
+    cfg = FlamingoConfig(trainable=TrainableConfig(lora=lora, lm_patterns=("model.norm.*",)))
+    cfg.to_json(tmp_path / "c.json")
+    assert FlamingoConfig.from_json(tmp_path / "c.json") == cfg
+    assert FlamingoConfig.from_dict({"trainable": {"lora": {"rank": 4}}}).trainable.lora == LoraConfig(rank=4)
+    assert FlamingoConfig.from_dict({"trainable": {"lora": None}}).trainable.lora is None
+    assert FlamingoConfig().trainable.lora is None

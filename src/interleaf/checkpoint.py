@@ -5,6 +5,9 @@ Full checkpoints also hold the backbones' HF configs (``lm_config.json``,
 (``save_pretrained(dir, trainable_only=True)``) hold the trained parameters alone and load
 the backbones from ``config.lm.source`` / ``config.vision.source`` (a hub id or a path).
 Loading validates the keys strictly and names every missing, unexpected or misshapen one.
+With ``trainable.lora`` the model is built with its adapters before the weights load, so the
+adapters (``...q_proj.lora_A.default.weight``) are trainable weights like any other, and a
+full checkpoint holds the adapted layers' frozen weights as ``...q_proj.base_layer.weight``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import nn
 
 from interleaf.config import FlamingoConfig
 from interleaf.model.trainable import apply_trainable
-from interleaf.model.vision import load_tower, tower_config_from_dict, tower_from_config
+from interleaf.model.vision import tower_config_from_dict, tower_from_config
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -111,7 +114,7 @@ def load_lm_and_tokenizer(source: str, **kwargs):
 
 def load_flamingo(path: str | Path, *, dtype: torch.dtype | None = None):
     from interleaf.convert import native
-    from interleaf.model.flamingo import Flamingo
+    from interleaf.model.flamingo import Flamingo, load_backbones
 
     root = native(path)
     for name in (CONFIG, WEIGHTS):
@@ -139,8 +142,8 @@ def load_flamingo(path: str | Path, *, dtype: torch.dtype | None = None):
         _tie_embeddings(model.language_model.lm)
         model.trainable_names = apply_trainable(model, config.trainable)
     else:
-        lm, _ = load_lm_and_tokenizer(config.lm.source)
-        model = Flamingo(config, lm=lm, vision_tower=load_tower(config.vision.source), tokenizer=tokenizer)
+        lm, _, tower = load_backbones(config)
+        model = Flamingo(config, lm=lm, vision_tower=tower, tokenizer=tokenizer)
         _check_keys(root / WEIGHTS, state, {k: model.state_dict()[k] for k in model.trainable_names})
         model.load_state_dict(state, strict=False)
     if dtype is not None:

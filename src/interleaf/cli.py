@@ -54,6 +54,38 @@ def generate(
     print(processor.batch_decode(ids, skip_special_tokens=True)[0])
 
 
+def train(recipe_path: Path, overrides: list[str]) -> None:
+    """Train the model of a YAML recipe (with ``key.sub=value`` overrides), after printing
+    which parameters train."""
+    from interleaf.model.flamingo import Flamingo
+    from interleaf.model.trainable import parameter_report
+    from interleaf.train.config import load_recipe
+    from interleaf.train.loop import Loggers, seed_everything
+    from interleaf.train.loop import train as run
+
+    recipe = load_recipe(recipe_path, overrides)
+    try:
+        Loggers.check(recipe.train)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    seed_everything(recipe.train.seed)
+    model = Flamingo.from_config(recipe.model)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(format_parameter_report(parameter_report(model), sum(p.numel() for p in model.parameters())))
+    result = run(recipe, model=model)
+    if main_process:
+        stopped = " (stopped by a signal)" if result["stopped"] else ""
+        print(f"trained to step {result['step']}{stopped}; saved to {result['final'] or result['checkpoint']}")
+
+
+def format_parameter_report(report: dict[str, int], total: int) -> str:
+    """The trainable parameter counts as a small table: the total, then one line per group."""
+    lines = [f"trainable parameters: {report['total']:,} of {total:,} ({100 * report['total'] / max(total, 1):.2f}%)"]
+    lines += [f"  {group:<22}{count:>16,}" for group, count in report.items() if group != "total"]
+    return "\n".join(lines)
+
+
 def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every: int | None) -> None:
     """Convert an upstream checkpoint into an interleaf checkpoint."""
     from interleaf.checkpoint import resolve
@@ -174,6 +206,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
 
+    t = verbs.add_parser("train", help="train a model from a YAML recipe (see configs/recipes/)")
+    t.add_argument("recipe", type=Path, help="a run recipe (YAML): model, data, optim, train")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. optim.lr=3e-4 train.steps=100")
+
     c = verbs.add_parser("convert", help="convert a released checkpoint (IDEFICS, OpenFlamingo) to interleaf's format")
     c.add_argument("format", choices=["idefics", "openflamingo"], help="the upstream format")
     c.add_argument("src", help="IDEFICS: directory or hub id; OpenFlamingo: its checkpoint.pt")
@@ -255,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 data_inspect(args.shards, args.samples)
             else:
                 data_tinyworld(args.out, args.seed, args.n_train, args.n_eval, args.image_size)
+        elif args.verb == "train":
+            train(args.recipe, args.overrides)
         elif args.verb == "convert":
             convert(
                 args.format, args.src, args.dst, lm=args.lm, vision=args.vision, every=args.cross_attn_every_n_layers
@@ -273,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 stream_output=args.stream,
             )
     except ValueError as e:
-        print(f"interleaf {args.verb}: error: {e}", file=sys.stderr)
+        print(f"interleaf {args.verb}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

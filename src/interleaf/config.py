@@ -115,6 +115,31 @@ class LMConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, through ``peft``) on linear layers of the frozen LM: each
+    targeted ``W`` becomes ``W + (alpha / rank) * B A`` with ``A`` (rank x in) and ``B``
+    (out x rank, zero-initialised, so a fresh adapter changes nothing); only ``A`` and ``B`` train.
+
+    ``target_modules`` are globs over the LM's module names as the Flamingo holds them (decoder
+    layers that carry cross-attention are named like ``model.layers.0.decoder_layer.self_attn.q_proj``);
+    empty: every linear layer of every decoder layer's self-attention (q/k/v/o, or fused qkv).
+    The cross-attention blocks are never targeted (they train whole).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _validate(self, ("rank",))
+        if self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainableConfig:
     """The one trainability policy, applied at construction (see ``model.trainable``)."""
 
@@ -124,6 +149,11 @@ class TrainableConfig:
     vision: bool = False
     lm: bool = False  # unfreeze the whole LM
     lm_patterns: tuple[str, ...] = ()  # or only LM parameters whose name matches a glob
+    lora: LoraConfig | None = None  # or low-rank adapters on the frozen LM (InfiMM instruction tuning)
+
+    def __post_init__(self):
+        if self.lora is not None and self.lm:
+            raise ValueError("TrainableConfig: lora trains adapters on a frozen LM; it does not combine with lm=true")
 
 
 @dataclass(frozen=True, kw_only=True)

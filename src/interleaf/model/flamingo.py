@@ -15,7 +15,7 @@ from interleaf.config import FlamingoConfig
 from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext
 from interleaf.model.masks import IGNORE_INDEX, cross_attention_mask, position_ids
 from interleaf.model.resampler import build_resampler
-from interleaf.model.trainable import apply_trainable
+from interleaf.model.trainable import apply_lora, apply_trainable
 from interleaf.model.vision import VisionEncoder, load_tower
 from interleaf.model.xattn import GatedCrossAttentionBlock, MediaKV
 from interleaf.tokens import prepare_tokenizer, token_ids
@@ -65,6 +65,8 @@ class Flamingo(nn.Module):
             decoupled=config.lm.new_token_embeddings == "decoupled",
             layers_path=config.lm.layers_path,
         )
+        if config.trainable.lora is not None:
+            apply_lora(self.language_model, config.trainable.lora)
         self.trainable_names = apply_trainable(self, config.trainable)
 
     # -- construction and checkpoints ------------------------------------------------------
@@ -73,10 +75,8 @@ class Flamingo(nn.Module):
     def from_config(cls, config: FlamingoConfig, *, dtype: torch.dtype | None = None) -> Flamingo:
         """Build from pretrained backbones named by ``config.lm.source`` / ``config.vision.source``,
         all of it in ``dtype`` if given. Like ``from_pretrained``, returns the model in eval mode."""
-        from interleaf.checkpoint import load_lm_and_tokenizer
-
-        lm, tokenizer = load_lm_and_tokenizer(config.lm.source)
-        model = cls(config, lm=lm, vision_tower=load_tower(config.vision.source), tokenizer=tokenizer)
+        lm, tokenizer, tower = load_backbones(config)
+        model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer)
         return (model if dtype is None else model.to(dtype)).eval()
 
     @classmethod
@@ -218,6 +218,35 @@ class Flamingo(nn.Module):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def load_backbones(config: FlamingoConfig) -> tuple[nn.Module, object, nn.Module]:
+    """The LM, its tokenizer and the vision tower named by ``config``; a source that cannot
+    be loaded is a one-line ``ValueError`` naming the field, the source and the reason. Both
+    sources' configs are read before any weights, so a wrong id fails fast."""
+    import transformers
+
+    from interleaf.checkpoint import load_lm_and_tokenizer
+
+    def load(field: str, what: str, fn):
+        source = getattr(config, field).source
+        if not source:
+            raise ValueError(f"{field}.source is empty: name the {what} (a hub id or a local directory)")
+        try:
+            return fn(source)
+        except (OSError, ValueError) as e:
+            reason = e.__context__ or e  # the loader's own error, without its wrapping
+            raise ValueError(f"{field}.source {source!r}: cannot load the {what}: {one_line(reason)}") from None
+
+    load("lm", "language model", transformers.AutoConfig.from_pretrained)
+    load("vision", "vision encoder", transformers.AutoConfig.from_pretrained)
+    lm, tokenizer = load("lm", "language model", load_lm_and_tokenizer)
+    return lm, tokenizer, load("vision", "vision encoder", load_tower)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message with its line breaks and runs of spaces collapsed."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def next_token_loss(logits: Tensor, labels: Tensor, z_loss_weight: float = 0.0) -> Tensor:
