@@ -95,3 +95,13 @@ TEXTS = [
     "what is this? <image> a cat",
     "text only, no image here",
 ]
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``interleaf demo`` at a few percent of its size: every stage runs, quickly."""
+    from interleaf.demo import DemoOptions, run
+
+    out = tmp_path_factory.mktemp("demo")
+    opts = DemoOptions(out=out, scale=0.03, eval_queries=6, shots=(0, 2), demos=("random",), progress=False)
+    return opts, run(opts)

@@ -13,29 +13,21 @@ from interleaf.cli import main
 from interleaf.config import LMConfig, VisionConfig
 from interleaf.data.shards import write_shards
 from interleaf.data.tinyworld import iter_train_documents
-from interleaf.demo import DemoOptions, run
 from interleaf.model.trainable import GROUPS, parameter_report
 from interleaf.train.config import load_recipe
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return out, run(DemoOptions(out=out, steps=30, batch_size=6))
-
-
-def test_demo_trains_and_saves_a_loadable_model(demo_run):
-    out, result = demo_run
-    assert result["losses"][-1] < 0.7 * result["losses"][0]
-    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "preprocessor_config.json").exists()
-    assert isinstance(result["answer"], str)
+def demo_run(quick_demo):
+    opts, result = quick_demo
+    return result["model"], result
 
 
 def test_generate_verb(demo_run, tmp_path, capsys):
-    out, _ = demo_run
+    model_dir, _ = demo_run
     image = tmp_path / "red.png"
     Image.new("RGB", (40, 40), (220, 40, 40)).save(image)
-    args = ["generate", "--model", str(out / "model"), "--prompt", "<image>a photo of a", "--image", str(image)]
+    args = ["generate", "--model", str(model_dir), "--prompt", "<image>Output:", "--image", str(image)]
     assert main([*args, "--max-new-tokens", "3"]) == 0
     greedy = capsys.readouterr().out
     assert main([*args, "--max-new-tokens", "3", "--stream"]) == 0
@@ -43,8 +35,8 @@ def test_generate_verb(demo_run, tmp_path, capsys):
 
 
 def test_generate_verb_reports_bad_input(demo_run, tmp_path, capsys):
-    out, _ = demo_run
-    code = main(["generate", "--model", str(out / "model"), "--prompt", "<image><image>two", "--image", "x.png"])
+    model_dir, _ = demo_run
+    code = main(["generate", "--model", str(model_dir), "--prompt", "<image><image>two", "--image", "x.png"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("interleaf generate: error:") and "prompt 0" in err

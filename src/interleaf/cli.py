@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 
-def demo(out: Path, steps: int, seed: int) -> None:
+def demo(out: Path, seed: int, scale: float) -> None:
     from interleaf.demo import DemoOptions, run
 
-    run(DemoOptions(out=out, steps=steps, seed=seed))
+    run(DemoOptions(out=out, seed=seed, scale=scale))
 
 
 def generate(
@@ -189,10 +189,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="interleaf", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
 
-    d = verbs.add_parser("demo", help="build and train a tiny Flamingo on the CPU, then generate")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where backbones and the model go")
-    d.add_argument("--steps", type=int, default=200, help="training steps")
+    d = verbs.add_parser(
+        "demo", help="tiny world -> pretrained tiny backbones -> Flamingo stages -> few-shot evaluation, on the CPU"
+    )
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where every stage's output goes")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--scale", type=float, default=1.0, help="multiply data and steps (0.25: quick look; 2: stronger)")
 
     g = verbs.add_parser("generate", help="generate from an interleaved prompt")
     g.add_argument("--model", required=True, help="an interleaf checkpoint directory or hub id")
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.verb == "demo":
-            demo(args.out, args.steps, args.seed)
+            demo(args.out, args.seed, args.scale)
         elif args.verb == "eval" and args.action == "report":
             eval_report(args.results, args.out)
         elif args.verb == "eval":

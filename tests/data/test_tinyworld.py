@@ -227,13 +227,16 @@ def test_eval_tasks_are_held_out_and_well_formed(tasks):
     assert {"yes", "no"} <= {item.meta["answer"] for item in vqa}
 
 
-def test_classification_names_shapes_with_new_words_in_balanced_classes(tasks):
+def test_classification_names_colours_with_new_words_in_balanced_classes(tasks):
     task = tasks["classification"]
     assert task.classnames == tw.eval_classnames(0) and set(task.classnames) <= set(tw.EVAL_WORDS)
-    assert Counter(item.answers[0] for item in task.test) == dict.fromkeys(task.classnames, 4)
+    assert len(task.classnames) == len(tw.COLOURS)
+    counts = Counter(item.answers[0] for item in task.test)
+    assert set(counts) == set(task.classnames) and max(counts.values()) - min(counts.values()) <= 1
     for item in task.test + task.support:
         (thing,) = tw.Scene.from_dict(item.meta["scene"]).things
-        assert task.classnames[tw.SHAPES.index(thing.shape)] == item.answers[0]
+        assert task.classnames[list(tw.COLOURS).index(thing.colour)] == item.answers[0]
+        assert (thing.colour, thing.shape) in tw.TRAIN_COMBOS
         assert item.prompt == tw.OUTPUT_PROMPT
 
 

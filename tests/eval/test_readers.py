@@ -586,4 +586,5 @@ def test_tinyworld_classification_ranks_the_invented_class_names(world):
     _, support, query = load_task("tinyworld_classification", world)
     names = tuple(json.loads((world / "eval" / "classification" / "classnames.json").read_text()))
     assert all(e.options == names and e.answers[0] in names for e in support + query)
-    assert Counter(e.answers[0] for e in query) == Counter(dict.fromkeys(names, N_EVAL // len(names)))
+    counts = Counter(e.answers[0] for e in query)
+    assert set(counts) == set(names) and max(counts.values()) - min(counts.values()) <= 1, "balanced classes"

@@ -6,12 +6,15 @@ import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from interleaf.data.collate import CollateConfig
 from interleaf.data.shards import write_shards
 from interleaf.data.stream import Loader
 from interleaf.data.tinyworld import iter_train_documents
+from interleaf.model.flamingo import Flamingo
 from interleaf.train import loop as loop_module
+from interleaf.train.checkpoints import init_weights
 from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
 from interleaf.train.loop import train
 
@@ -112,3 +115,32 @@ def test_bf16_run_built_from_the_recipe_alone(backbones, shards, tmp_path):
     result = train(rec)
     assert result["step"] == 2 and (tmp_path / "checkpoint-2").is_dir()
     assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+
+
+def test_a_stage_starts_from_the_previous_stage_export(backbones, shards, tmp_path):
+    """train.init_from: stage 2 begins with stage 1's weights (and may train more of them)."""
+    first = recipe(backbones, shards, tmp_path / "one", steps=2)
+    train(first)
+    exported = load_file(tmp_path / "one" / "final" / "model.safetensors")
+
+    config = tiny_config(backbones)
+    config = dataclasses.replace(config, trainable=dataclasses.replace(config.trainable, lm=True))
+    second = recipe(backbones, shards, tmp_path / "two", steps=1)
+    second = dataclasses.replace(second, model=config)
+    model = Flamingo.from_config(config)
+    copied = init_weights(model, tmp_path / "one" / "final")
+    assert set(copied) == {n for n, _ in model.named_parameters()} <= set(exported)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, exported[name]), name
+
+    # through the recipe: the first step's loss is the one the exported model gives
+    init = dataclasses.replace(second.train, init_from=str(tmp_path / "one" / "final"), resume="never")
+    result = train(dataclasses.replace(second, train=init))
+    assert result["step"] == 1 and result["losses"][1] < 10
+
+    with pytest.raises(ValueError, match=r"init_from: .*cannot read model.safetensors"):
+        init_weights(model, tmp_path / "nothing")
+    partial = {k: v for k, v in exported.items() if ".xattn." not in k}
+    save_file(partial, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="has no weight .*xattn"):
+        init_weights(model, tmp_path)

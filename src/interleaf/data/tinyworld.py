@@ -18,9 +18,9 @@ questions with answers, and class labels; from those come the training documents
 
 The held-out evaluation split (:func:`eval_tasks`) is disjoint from training by construction:
 captioning and VQA pictures each show a colour+shape combination of :data:`HELD_OUT`, which no
-training picture shows, and classification names the shapes with invented words of
+training picture shows, and classification names the colours with invented words of
 :data:`EVAL_WORDS`, which no training text contains, so that 0-shot is at chance and only the
-demonstrations tell which word is which shape. :func:`write` writes it all in the field's file
+demonstrations tell which word is which colour. :func:`write` writes it all in the field's file
 layouts (MMC4 jsonl, pairs parquet, LLaVA json; COCO Karpathy json, VQAv2 json, ImageNet-style
 folders) so the same readers are exercised.
 
@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw
 
 from .schema import Document, ImageRef, Segment
 
-VERSION = 1
+VERSION = 2
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 COLOURS = {
     "red": (220, 40, 40),
@@ -489,10 +489,10 @@ def _attribute_document(rng: random.Random, size: int, n: int) -> Built:
     return segments, {"rule": "attribute", "attribute": attribute}
 
 
-def _word_document(rng: random.Random, size: int, n: int) -> Built:
+def _word_document(rng: random.Random, size: int, n: int, granularity: str | None = None) -> Built:
     """Invented words bound, for this document only, to two or three classes (shapes, colours or
     colour+shape objects, drawn Zipf-distributed), each class shown at least twice (bursty)."""
-    granularity = rng.choice(GRANULARITIES)
+    granularity = granularity or rng.choice(GRANULARITIES)
     k = 2 if n < 6 else rng.choice((2, 3))
     classes = _zipf_sample(rng, _classes(granularity), k)
     words = rng.sample(TRAIN_WORDS, k)
@@ -562,6 +562,16 @@ BUILDERS: dict[str, Callable[[random.Random, int], Built]] = {
     "task": _task_document,
     "icl": _icl_document,
     "chat": _chat_document,
+    # one rule only, for mixtures that want more of it than "icl" gives
+    "icl_words": lambda rng, size: _word_document(rng, size, rng.randint(*ICL_EXAMPLES)),
+    "icl_attribute": lambda rng, size: _attribute_document(rng, size, rng.randint(*ICL_EXAMPLES)),
+    **{
+        f"icl_{granularity}_words": partial(
+            lambda rng, size, granularity: _word_document(rng, size, rng.randint(*ICL_EXAMPLES), granularity),
+            granularity=granularity,
+        )
+        for granularity in GRANULARITIES
+    },
 }
 
 
@@ -613,8 +623,8 @@ class EvalTask:
 
 
 def eval_classnames(seed: int = 0) -> tuple[str, ...]:
-    """The invented class names of the classification task, one per shape of :data:`SHAPES`."""
-    return tuple(random.Random(f"tinyworld/{seed}/classnames").sample(EVAL_WORDS, len(SHAPES)))
+    """The invented class names of the classification task, one per colour of :data:`COLOURS`."""
+    return tuple(random.Random(f"tinyworld/{seed}/classnames").sample(EVAL_WORDS, len(COLOURS)))
 
 
 Made = tuple[Scene, dict[str, Any]]  # an eval item's scene, and its EvalItem fields but id and image
@@ -640,9 +650,10 @@ def _vqa_item(rng: random.Random, index: int) -> Made:
 
 
 def _classification_item(rng: random.Random, index: int, classnames: Sequence[str]) -> Made:
-    label = index % len(SHAPES)  # balanced classes: 0-shot is at chance
-    colour = rng.choice([c for c, shape in TRAIN_COMBOS if shape == SHAPES[label]])
-    scene = uniform_scene(rng, colour, SHAPES[label], "large")
+    colour = list(COLOURS)[index % len(COLOURS)]  # balanced classes: 0-shot is at chance
+    shape = rng.choice([s for c, s in TRAIN_COMBOS if c == colour])
+    scene = uniform_scene(rng, colour, shape, "large")
+    label = index % len(COLOURS)
     return scene, {"prompt": OUTPUT_PROMPT, "answers": (classnames[label],), "meta": {}}
 
 
@@ -775,7 +786,7 @@ def _manifest(root: Path, config: dict[str, Any], counts: dict[str, Any], classn
         "counts": {**counts, "files": len(files)},
         "sha256": _tree_hash(root, files),
         "held_out_combinations": [f"{colour} {shape}" for colour, shape in sorted(HELD_OUT)],
-        "classification": {"classnames": list(classnames), "bound_to_shapes": list(SHAPES)},
+        "classification": {"classnames": list(classnames), "bound_to_colours": list(COLOURS)},
         "prompts": {"vqa": VQA_PROMPT, "output": OUTPUT_PROMPT},
     }
 

@@ -131,3 +131,35 @@ def restore_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
+
+
+def init_weights(model: nn.Module, directory: str | Path) -> list[str]:
+    """Start a stage from an earlier stage's export (``train.init_from``, a ``save_pretrained``
+    directory): copy every weight the file holds into the parameter of the same name (a LoRA
+    layer's ``base_layer`` takes the plain layer's weight); the resampler and the cross-attention
+    must all be there, shapes must agree; LoRA adapters the file lacks stay as initialised.
+    Returns the names of the parameters that were copied."""
+    from interleaf.model.trainable import parameter_groups
+
+    file = Path(directory) / "model.safetensors"
+    try:
+        weights = load_file(file)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"train.init_from: {directory}: cannot read model.safetensors ({e})") from None
+    groups = parameter_groups(model)
+    copied = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = name if name in weights else name.replace(".base_layer.", ".")
+            if key not in weights:
+                if groups[name] in ("resampler", "cross_attention"):
+                    raise ValueError(f"train.init_from: {file} has no weight {name!r}: not an export of this model")
+                continue
+            if weights[key].shape != param.shape:
+                raise ValueError(
+                    f"train.init_from: {file}: {key!r} has shape {tuple(weights[key].shape)}, "
+                    f"the model's is {tuple(param.shape)}"
+                )
+            param.copy_(weights[key])
+            copied.append(name)
+    return copied

@@ -111,6 +111,7 @@ class TrainConfig:
     keep_last: int = 3
     out_dir: str = "runs/interleaf"
     resume: str = "auto"  # "auto" (newest readable checkpoint in out_dir), "never", or a checkpoint dir
+    init_from: str = ""  # an earlier stage's export (out_dir/final): start from its weights, new optimiser
     seed: int = 0
     progress: bool = True  # tqdm progress bar (rank 0)
     # Distribution (see interleaf.train.parallel). One process, or one per device under torchrun /

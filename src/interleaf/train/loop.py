@@ -295,6 +295,8 @@ def _train(recipe: Recipe, d: parallel.Dist, model, processor, loader) -> dict[s
     seed_everything(cfg.seed)
     if model is None:
         model = Flamingo.from_config(recipe.model)
+        if cfg.init_from:
+            checkpoints.init_weights(model, cfg.init_from)
     if processor is None:
         processor = Processor.from_backbones(
             recipe.model.lm.source, recipe.model.vision.source, tokens=recipe.model.tokens

@@ -1,0 +1,244 @@
+"""Pretraining the tiny backbones on the tiny world, so the Flamingo stage starts, as in the
+papers, from a frozen language model and a frozen vision encoder that already know something.
+
+- :func:`train_tokenizer`: a byte-level BPE tokenizer (``tokenizers``) trained on the world's text.
+- :func:`pretrain_lm`: a small decoder LM (transformers' Llama or GPT-2 architecture) trained on
+  the world's documents written as text, each picture replaced by its caption (so the LM reads
+  "a large red star on a grey background. Output: bakex" where the Flamingo reads
+  "<image>Output: bakex"), packed into fixed-length sequences.
+- :func:`pretrain_vision`: a small CLIP vision tower trained contrastively (the symmetric InfoNCE
+  loss of CLIP, with a learned temperature) against a small text encoder on (picture, caption)
+  pairs; only the vision tower is kept.
+
+Each writes a Hugging Face directory (``save_pretrained``) that ``LMConfig.source`` /
+``VisionConfig.source`` load like any released checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from interleaf.data.schema import Document
+from interleaf.data.tinyworld import Scene, caption, random_scene, reference_captions, render
+from interleaf.tiny import CHAT_TEMPLATE, build_tokenizer, lm_config, vision_config
+
+
+def document_text(doc: Document) -> str:
+    """The document as plain text: each picture replaced by its caption (``image.meta["scene"]``),
+    chat turns written ``role: text``; one line per segment pair."""
+    parts = []
+    for seg in doc.segments:
+        if seg.image is not None:
+            scene = seg.image.meta.get("scene")
+            if scene is None:
+                raise ValueError(f"document {doc.id!r}: an image without a scene cannot be written as text")
+            parts.append(caption(Scene.from_dict(scene)))
+        else:
+            text = seg.text if seg.role is None else f"{seg.role}: {seg.text}"
+            parts.append(text + "\n")
+    return " ".join(parts).replace("\n ", "\n").strip()
+
+
+def train_tokenizer(texts: Iterable[str], directory: str | Path | None = None, *, vocab_size: int = 512):
+    """A byte-level BPE tokenizer with ``<s>``/``</s>``/``<unk>``, trained on ``texts``."""
+    corpus = "\n".join(texts)
+    return build_tokenizer(directory, vocab_size=vocab_size, corpus=corpus, chat_template=CHAT_TEMPLATE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMPretraining:
+    family: str = "llama"  # a family of interleaf.tiny.lm_config: llama, gpt2, ...
+    hidden: int = 96
+    layers: int = 4
+    heads: int = 4
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 600
+    lr: float = 3e-3
+    warmup: int = 30
+    seed: int = 0
+
+
+def _packed(ids: list[list[int]], seq_len: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless windows of ``seq_len`` tokens over the documents concatenated in shuffled order."""
+    buffer: list[int] = []
+    while True:
+        order = list(range(len(ids)))
+        rng.shuffle(order)
+        for i in order:
+            buffer += ids[i]
+            while len(buffer) >= seq_len:
+                yield buffer[:seq_len]
+                buffer = buffer[seq_len:]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_lm(
+    texts: list[str], tokenizer, directory: str | Path, cfg: LMPretraining = LMPretraining(), *, progress: bool = True
+) -> list[float]:
+    """Train a small causal LM on ``texts`` (each ends with EOS) and save it with ``tokenizer``
+    to ``directory``; returns the per-step losses."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    config = lm_config(cfg.family, len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    windows = _packed(ids, cfg.seq_len, rng)
+    losses = _optimise(
+        model,
+        lambda: _lm_loss(model, torch.tensor([next(windows) for _ in range(cfg.batch_size)])),
+        cfg.steps,
+        cfg.lr,
+        cfg.warmup,
+        desc="pretrain LM",
+        progress=progress,
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return losses
+
+
+def _lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=batch).loss
+
+
+def _optimise(model: nn.Module, loss_fn, steps: int, lr: float, warmup: int, *, desc: str, progress: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    for _ in bar:
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionPretraining:
+    hidden: int = 64
+    layers: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    text_hidden: int = 64
+    text_layers: int = 2
+    embed_dim: int = 64
+    batch_size: int = 64
+    steps: int = 400
+    lr: float = 2e-3
+    warmup: int = 20
+    seed: int = 0
+
+
+class TextEncoder(nn.Module):
+    """CLIP's other half, small: a transformer over caption tokens, mean-pooled and projected."""
+
+    def __init__(self, vocab_size: int, cfg: VisionPretraining):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, cfg.text_hidden)
+        self.position = nn.Parameter(torch.randn(64, cfg.text_hidden) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.text_hidden, 4, cfg.text_hidden * 2, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.text_hidden)
+        self.project = nn.Linear(cfg.text_hidden, cfg.embed_dim, bias=False)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.position[: ids.shape[1]]
+        x = self.norm(self.encoder(x, src_key_padding_mask=~mask.bool()))
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.project(pooled)
+
+
+class Clip(nn.Module):
+    """A CLIP vision tower, a projection of its pooled output, a text encoder, and the temperature."""
+
+    def __init__(self, vocab_size: int, cfg: VisionPretraining):
+        super().__init__()
+        vcfg = vision_config(
+            "clip", image_size=cfg.image_size, patch_size=cfg.patch_size, hidden=cfg.hidden, layers=cfg.layers
+        )
+        self.vision = transformers.CLIPVisionModel(vcfg)
+        self.project = nn.Linear(cfg.hidden, cfg.embed_dim, bias=False)
+        self.text = TextEncoder(vocab_size, cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self.project(self.vision(pixel_values=pixels).pooler_output), dim=-1)
+        text = F.normalize(self.text(ids, mask), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T
+        target = torch.arange(len(logits))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def image_processor(image_size: int = 32):
+    """CLIP's preprocessing at ``image_size`` (the PIL implementation: torchvision is optional)."""
+    cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    return cls(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def scene_pairs(seed: int, image_size: int = 32) -> Iterator[tuple[Image.Image, str]]:
+    """Endless (picture, caption) pairs of random training scenes, a caption paraphrase each."""
+    rng = random.Random(f"tinyworld/{seed}/clip")
+    while True:
+        scene = random_scene(rng)
+        yield render(scene, image_size), rng.choice([caption(scene), *reference_captions(scene)])
+
+
+def pretrain_vision(
+    pairs: Iterator[tuple[Image.Image, str]],
+    tokenizer,
+    directory: str | Path,
+    cfg: VisionPretraining = VisionPretraining(),
+    *,
+    progress: bool = True,
+) -> list[float]:
+    """Train a CLIP vision tower contrastively on ``pairs`` and save it (``CLIPVisionModel``
+    and its ``CLIPImageProcessor``) to ``directory``; returns the per-step losses."""
+    torch.manual_seed(cfg.seed)
+    clip = Clip(len(tokenizer), cfg)
+    processor = image_processor(cfg.image_size)
+
+    def batch_loss() -> torch.Tensor:
+        images, texts = zip(*(next(pairs) for _ in range(cfg.batch_size)))
+        pixels = processor(list(images), return_tensors="pt")["pixel_values"]
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=64)
+        return clip.loss(pixels, enc["input_ids"], enc["attention_mask"])
+
+    pad = tokenizer.pad_token
+    if pad is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    try:
+        losses = _optimise(clip, batch_loss, cfg.steps, cfg.lr, cfg.warmup, desc="pretrain vision", progress=progress)
+    finally:
+        tokenizer.pad_token = pad
+    clip.vision.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return losses

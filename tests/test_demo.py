@@ -1,0 +1,45 @@
+"""``interleaf demo``: every stage runs and is cached; the results table, the plot and the answer."""
+
+import json
+
+from interleaf.demo import TASKS, run
+from interleaf.model.flamingo import Flamingo
+from interleaf.model.trainable import parameter_groups
+
+
+def test_every_stage_runs_and_writes_its_output(quick_demo):
+    opts, result = quick_demo
+    out = opts.out
+    assert (out / "world" / "manifest.json").exists()
+    assert (out / "backbones-lm" / "config.json").exists() and (out / "backbones-lm" / "tokenizer.json").exists()
+    assert (out / "backbones-vision" / "config.json").exists()
+    assert (out / "backbones-vision" / "preprocessor_config.json").exists()
+    for stage in ("flamingo-stage1", "flamingo-stage2"):
+        assert (out / stage / "final" / "model.safetensors").exists()
+        assert json.loads((out / stage / "final" / "config.json").read_text())["lm"]["source"].endswith("backbones-lm")
+    model = Flamingo.from_pretrained(result["model"])
+    assert model.config.trainable.lm, "stage 2 trains the LM"
+    assert sorted(r["task"] for r in result["reports"]) == sorted(TASKS)
+    for report in result["reports"]:
+        assert sorted(int(k) for k in report["summary"]) == [0, 2]
+    assert (out / "fewshot.png").stat().st_size > 1000
+    assert isinstance(result["answer"], str) and result["expected"]
+
+
+def test_a_second_run_skips_finished_stages(quick_demo, capsys):
+    opts, first = quick_demo
+    again = run(opts)
+    assert set(again["times"].values()) == {0.0}
+    assert [r["summary"] for r in again["reports"]] == [r["summary"] for r in first["reports"]]
+    assert capsys.readouterr().out.count("done before, skipped") == len(again["times"])
+
+
+def test_stage1_starts_from_frozen_pretrained_backbones(quick_demo):
+    opts, _ = quick_demo
+    stage1 = Flamingo.from_pretrained(opts.out / "flamingo-stage1" / "final")
+    pretrained = dict(Flamingo.from_config(stage1.config).named_parameters())  # the backbones as saved
+    groups = parameter_groups(stage1)
+    backbone = [(n, p) for n, p in stage1.named_parameters() if groups[n] in ("lm", "vision")]
+    assert len(backbone) > 20
+    for name, param in backbone:
+        assert param.equal(pretrained[name]), name
