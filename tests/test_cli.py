@@ -19,7 +19,7 @@ from interleaf.train.config import load_recipe
 
 @pytest.fixture(scope="module")
 def demo_run(quick_demo):
-    opts, result = quick_demo
+    _, result = quick_demo
     return result["model"], result
 
 
