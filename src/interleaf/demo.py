@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import random
 import time
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from interleaf.config import (
     CrossAttentionConfig,
@@ -281,26 +279,33 @@ def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> N
 
 
 def _answer(model_dir: Path, world: Path) -> dict[str, Any]:
-    """Four demonstrations of the held-out classification and a new picture; the generated word."""
+    """Two interleaved prompts of the held-out tasks, answered by the final model: a picture to
+    name with the invented words of four demonstrations (class names ranked, as the evaluation
+    does), and a caption generated for a picture of a held-out colour+shape combination."""
+    from interleaf.eval.harness import Prompter, answer_text, rank_candidates
     from interleaf.eval.tasks import load_task
     from interleaf.model.flamingo import Flamingo
     from interleaf.processing import Processor
 
     model, processor = Flamingo.from_pretrained(model_dir).eval(), Processor.from_pretrained(model_dir)
-    _, support, queries = load_task("tinyworld_classification", world)
+    spec, support, queries = load_task("tinyworld_classification", world)
     manifest = json.loads((world / "manifest.json").read_text())["classification"]
     colour = dict(zip(manifest["classnames"], manifest["bound_to_colours"]))
     query = queries[0]
     same = [e for e in support if e.answers[0] == query.answers[0]][:2]
     demos = same + [e for e in support if e.answers[0] != query.answers[0]][: 4 - len(same)]
     random.Random(0).shuffle(demos)
-    items: list = []
-    for demo in demos:
-        items += [Image.open(io.BytesIO(demo.image.raw())).convert("RGB"), f"Output: {demo.answers[0]}<|endofchunk|>"]
-    items += [Image.open(io.BytesIO(query.image.raw())).convert("RGB"), "Output:"]
-    out = model.generate(**processor([items]), max_new_tokens=6)
-    answer = processor.batch_decode(out, skip_special_tokens=True)[0].strip()
-    shown = " ".join(f"<image of a {colour[d.answers[0]]} shape>Output: {d.answers[0]}" for d in demos)
-    print(f"\nprompt: {shown} <image of a {colour[query.answers[0]]} shape>Output:")
-    print(f"answer: {answer!r} (expected {query.answers[0]!r})")
-    return {"answer": answer, "expected": query.answers[0]}
+    prompt, images = Prompter(spec, processor).build(query, demos, text_only=False)
+    (scores,) = rank_candidates(model, processor, [prompt], [images], [[spec.answer_prefix + c for c in query.options]])
+    named = query.options[max(range(len(scores)), key=scores.__getitem__)]
+    shown = " ".join(f"<image: a {colour[d.answers[0]]} shape>Output: {d.answers[0]}" for d in demos)
+    print(f"\nprompt: {shown} <image: a {colour[query.answers[0]]} shape>Output:")
+    print(f"answer (class names ranked): {named!r}, expected {query.answers[0]!r}")
+
+    spec, support, queries = load_task("tinyworld_caption", world)
+    prompt, images = Prompter(spec, processor).build(queries[0], support[:2], text_only=False)
+    out = model.generate(**processor(prompt, images=images), max_new_tokens=spec.max_new_tokens, num_beams=3)
+    caption = answer_text(processor.batch_decode(out, skip_special_tokens=True)[0], spec)
+    print(f"\nprompt: {prompt}")
+    print(f"generated caption: {caption!r}; a reference: {queries[0].answers[0]!r}")
+    return {"answer": named, "expected": query.answers[0], "caption": caption}
