@@ -2,7 +2,7 @@
 
 import json
 
-from interleaf.demo import TASKS, run
+from interleaf.demo import TASKS, DemoOptions, run
 from interleaf.model.flamingo import Flamingo
 from interleaf.model.trainable import parameter_groups
 
@@ -43,3 +43,15 @@ def test_stage1_starts_from_frozen_pretrained_backbones(quick_demo):
     assert len(backbone) > 20
     for name, param in backbone:
         assert param.equal(pretrained[name]), name
+
+
+def test_the_demo_model_learns_in_context(tmp_path_factory):
+    """The full default demo (minutes): on the held-out classification, whose invented class
+    words only the demonstrations define, 0-shot is at chance and 4-shot with RICES
+    demonstrations is far above it."""
+    result = run(DemoOptions(out=tmp_path_factory.mktemp("full-demo"), progress=False))
+    reports = {(r["task"], r["model"]): r["summary"] for r in result["reports"]}
+    rices = reports[("tinyworld_classification", "rices demos")]
+    assert rices["0"]["mean"] < 0.3  # chance is 1/6
+    assert rices["4"]["mean"] >= rices["0"]["mean"] + 0.2
+    assert rices["2"]["mean"] >= rices["0"]["mean"] + 0.2

@@ -199,9 +199,7 @@ class Clip(nn.Module):
 def image_processor(image_size: int = 32):
     """CLIP's preprocessing at ``image_size`` (the PIL implementation: torchvision is optional)."""
     cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-    return cls(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
 def scene_pairs(seed: int, image_size: int = 32) -> Iterator[tuple[Image.Image, str]]:
