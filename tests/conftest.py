@@ -105,3 +105,19 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     opts = DemoOptions(out=out, scale=0.03, eval_queries=6, shots=(0, 2), demos=("random",), progress=False)
     return opts, run(opts)
+
+
+def tiny_recipe(backbones, shards: str, out_dir, *, data: dict | None = None, optim: dict | None = None, **train):
+    """A training recipe over the tiny backbones and one shard source; keyword arguments
+    override the data, optimiser and run settings."""
+    from interleaf.data.collate import CollateConfig
+    from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
+
+    data = {"batch_size": 4, "collate": CollateConfig(max_tokens=96, max_images=3), **(data or {})}
+    optim = {"lr": 3e-3, "warmup_steps": 2, "schedule": "cosine", "accumulation": 2, **(optim or {})}
+    return Recipe(
+        model=tiny_config(backbones),
+        data=DataConfig(sources={"world": SourceConfig(shards=shards)}, **data),
+        optim=OptimConfig(**optim),
+        train=TrainConfig(**{"out_dir": str(out_dir), "progress": False, "log_every": 1, **train}),
+    )

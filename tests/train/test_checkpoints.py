@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from interleaf.train import checkpoints
+from interleaf.train import checkpoints, parallel
 
 
 def draws() -> tuple:
@@ -37,5 +37,5 @@ def test_save_prune_and_skip_damaged(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint-6"):
         fallback = checkpoints.latest(tmp_path)
     assert fallback.state["data"] == {"batches": 4}
-    checkpoints.restore_weights(model, fallback.weights)
+    parallel.load_trainable_weights(model, fallback.weights)
     assert torch.equal(model.weight, torch.full((2, 3), 4.0))

@@ -12,7 +12,7 @@ from interleaf.data.shards import write_shards
 from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.vision import VisionEncoder
 from interleaf.processing import Processor
-from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
+from interleaf.train.config import Recipe
 from interleaf.train.features import (
     MANIFEST,
     CachedVision,
@@ -25,7 +25,7 @@ from interleaf.train.features import (
 )
 from interleaf.train.loop import train
 
-from conftest import TEXTS, encode, tiny_config
+from conftest import TEXTS, encode, tiny_recipe
 
 DOCS = 8
 
@@ -190,15 +190,14 @@ def shards(tmp_path_factory):
 
 
 def recipe(backbones, shards, out_dir, **train) -> Recipe:
-    return Recipe(
-        model=tiny_config(backbones),
-        data=DataConfig(
-            sources={"world": SourceConfig(shards=shards)},
-            batch_size=2,
-            collate=CollateConfig(max_tokens=64, max_images=2),
-        ),
-        optim=OptimConfig(lr=3e-3, warmup_steps=1, accumulation=1),
-        train=TrainConfig(out_dir=str(out_dir), progress=False, steps=2, checkpoint_every=100, **train),
+    small = CollateConfig(max_tokens=64, max_images=2)
+    return tiny_recipe(
+        backbones,
+        shards,
+        out_dir,
+        data={"batch_size": 2, "collate": small},
+        optim={"warmup_steps": 1, "accumulation": 1},
+        **{"steps": 2, "checkpoint_every": 100, **train},
     )
 
 

@@ -8,17 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from interleaf.data.collate import CollateConfig
 from interleaf.data.shards import write_shards
 from interleaf.data.stream import Loader
 from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.flamingo import Flamingo
 from interleaf.train import loop as loop_module
 from interleaf.train.checkpoints import init_weights
-from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
+from interleaf.train.config import Recipe
 from interleaf.train.loop import train
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +28,7 @@ def shards(tmp_path_factory):
 
 
 def recipe(backbones, shards, out_dir, **train) -> Recipe:
-    return Recipe(
-        model=tiny_config(backbones),
-        data=DataConfig(
-            sources={"world": SourceConfig(shards=shards)},
-            batch_size=4,
-            collate=CollateConfig(max_tokens=96, max_images=3),
-        ),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine", accumulation=2),
-        train=TrainConfig(out_dir=str(out_dir), progress=False, log_every=1, **train),
-    )
+    return tiny_recipe(backbones, shards, out_dir, **train)
 
 
 class SignalAfter(Loader):

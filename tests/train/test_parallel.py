@@ -24,10 +24,10 @@ from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.masks import IGNORE_INDEX
 from interleaf.processing import Processor
 from interleaf.train import parallel
-from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
+from interleaf.train.config import Recipe, TrainConfig
 from interleaf.train.loop import RankRows, build_loader, train
 
-from conftest import TEXTS, encode, tiny_config
+from conftest import TEXTS, encode, tiny_config, tiny_recipe
 
 DISTJOB = Path(__file__).with_name("distjob.py")
 CONFIGS = Path(__file__).parents[2] / "configs" / "deepspeed"
@@ -42,16 +42,14 @@ def shards(tmp_path_factory):
 
 
 def recipe(backbones, shards, out_dir, **train) -> Recipe:
-    return Recipe(
-        model=tiny_config(backbones),
-        data=DataConfig(
-            sources={"world": SourceConfig(shards=shards)},
-            batch_size=4,
-            rank_split="rows",
-            collate=CollateConfig(max_tokens=64, max_images=2),
-        ),
-        optim=OptimConfig(lr=3e-3, warmup_steps=1, accumulation=2),
-        train=TrainConfig(out_dir=str(out_dir), progress=False, log_every=1, steps=STEPS, checkpoint_every=2, **train),
+    small = CollateConfig(max_tokens=64, max_images=2)
+    return tiny_recipe(
+        backbones,
+        shards,
+        out_dir,
+        data={"rank_split": "rows", "collate": small},
+        optim={"warmup_steps": 1},
+        **{"steps": STEPS, "checkpoint_every": 2, **train},
     )
 
 

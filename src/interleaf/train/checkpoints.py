@@ -122,17 +122,6 @@ def latest(out_dir: Path) -> Checkpoint | None:
     return None
 
 
-def restore_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy the saved trainable weights into ``model``; the names must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(weights):
-        diff = sorted(set(params) ^ set(weights))
-        raise ValueError(f"checkpoint weights do not match the model's trainable parameters, e.g. {diff[:3]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name])
-
-
 def init_weights(model: nn.Module, directory: str | Path) -> list[str]:
     """Start a stage from an earlier stage's export (``train.init_from``, a ``save_pretrained``
     directory): copy every weight the file holds into the parameter of the same name (a LoRA
