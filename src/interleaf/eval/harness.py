@@ -95,6 +95,12 @@ def answer_text(raw: str, spec: TaskSpec) -> str:
     return raw.strip()
 
 
+def to_model(model, batch) -> dict:
+    """The processor's tensors on the model's device (the processor works on the CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def rank_candidates(model, processor, prompts: list[str], images: list[list], candidates: list[list[str]]) -> list:
     """Length-normalised log-likelihood of each candidate after each prompt.
@@ -106,7 +112,7 @@ def rank_candidates(model, processor, prompts: list[str], images: list[list], ca
 
     scores = []
     for prompt, imgs, cands in zip(prompts, images, candidates):
-        batch = processor(prompt, images=imgs)
+        batch = to_model(model, processor(prompt, images=imgs))
         media = model.prepare_media(batch["input_ids"], batch["pixel_values"])
         out = model.step(
             batch["input_ids"],
@@ -125,14 +131,15 @@ def _continuations(model, batch, media, past, first_logprobs, tokens: list[list[
     """Mean log-probability of each token sequence continuing the cached prompt."""
     n, width = len(tokens), max(len(t) for t in tokens)
     pad = model.ids.pad
-    cont = torch.tensor([t + [pad] * (width - len(t)) for t in tokens])
-    valid = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens])
+    device = batch["input_ids"].device
+    cont = torch.tensor([t + [pad] * (width - len(t)) for t in tokens], device=device)
+    valid = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], device=device)
     logprob = first_logprobs[cont[:, 0]]
     if width > 1:
         past.batch_repeat_interleave(n)
         history = torch.cat([batch["input_ids"].expand(n, -1), cont], dim=1)
         mask = torch.cat([batch["attention_mask"].expand(n, -1), valid], dim=1)
-        step_media = media.select(torch.zeros(n, dtype=torch.long)) if media is not None else None
+        step_media = media.select(torch.zeros(n, dtype=torch.long, device=device)) if media is not None else None
         out = model.step(
             cont[:, :-1],
             history_ids=history[:, :-1],
@@ -215,7 +222,7 @@ def _run_batch(model, processor, spec, prompter, support, queries, chunk, shots,
             _sample(q, demos, prompt, raw=None, answer=c[max(range(len(c)), key=s.__getitem__)], scores=dict(zip(c, s)))
             for (q, demos, prompt, _), c, s in zip(built, cands, scores)
         ]
-    batch = processor([b[2] for b in built], images=[b[3] for b in built])
+    batch = to_model(model, processor([b[2] for b in built], images=[b[3] for b in built]))
     ids = model.generate(
         **batch,
         max_new_tokens=spec.max_new_tokens,

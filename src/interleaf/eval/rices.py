@@ -35,8 +35,9 @@ class Rices:
 
         @torch.no_grad()
         def encode(images: list) -> torch.Tensor:
-            pixels = processor.preprocess_images(images).to(model.dtype)
-            return model.vision(pixels).float().mean(dim=1)
+            device = next(model.parameters()).device
+            pixels = processor.preprocess_images(images).to(device, model.dtype)
+            return model.vision(pixels).float().mean(dim=1).cpu()
 
         return cls(encode, name=f"vision-{model.config.vision.source or 'model'}", **kwargs)
 
