@@ -121,3 +121,14 @@ def tiny_recipe(backbones, shards: str, out_dir, *, data: dict | None = None, op
         optim=OptimConfig(**optim),
         train=TrainConfig(**{"out_dir": str(out_dir), "progress": False, "log_every": 1, **train}),
     )
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """40 tiny-world training documents in webdataset shards of 20."""
+    from interleaf.data.shards import write_shards
+    from interleaf.data.tinyworld import iter_train_documents
+
+    out = tmp_path_factory.mktemp("world-shards")
+    write_shards(iter_train_documents(seed=0, n=40), out, max_samples=20)
+    return str(out)

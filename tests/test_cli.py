@@ -11,8 +11,6 @@ from PIL import Image
 from interleaf import Flamingo, FlamingoConfig
 from interleaf.cli import main
 from interleaf.config import LMConfig, VisionConfig
-from interleaf.data.shards import write_shards
-from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.trainable import GROUPS, parameter_report
 from interleaf.train.config import load_recipe
 
@@ -47,13 +45,6 @@ def test_generate_verb_reports_bad_input(demo_run, tmp_path, capsys):
 # -- interleaf train -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def train_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-shards")
-    write_shards(iter_train_documents(seed=0, n=40), out, max_samples=20)
-    return out
-
-
 def tiny_recipe(tmp_path, backbones, shards) -> Path:
     """A recipe small enough to train two steps on the CPU, with LoRA on the LM."""
     text = f"""
@@ -77,8 +68,8 @@ train: {{steps: 2, log_every: 1, checkpoint_every: 2, progress: false, out_dir: 
     return path
 
 
-def test_train_verb_reports_the_trainable_parameters_and_trains(tmp_path, backbones, train_shards, capsys):
-    recipe = tiny_recipe(tmp_path, backbones, train_shards)
+def test_train_verb_reports_the_trainable_parameters_and_trains(tmp_path, backbones, shards, capsys):
+    recipe = tiny_recipe(tmp_path, backbones, shards)
     assert main(["train", str(recipe), "train.seed=1"]) == 0
     out = capsys.readouterr().out
     model = Flamingo.from_config(load_recipe(recipe, []).model)
@@ -107,8 +98,8 @@ def test_train_verb_reports_the_trainable_parameters_and_trains(tmp_path, backbo
         (["model.trainable.lora.target_modules=[nothing]"], ["target_modules: 'nothing' matches no linear layer"]),
     ],
 )
-def test_train_verb_errors_are_one_line(tmp_path, backbones, train_shards, capsys, overrides, words):
-    recipe = tiny_recipe(tmp_path, backbones, train_shards)
+def test_train_verb_errors_are_one_line(tmp_path, backbones, shards, capsys, overrides, words):
+    recipe = tiny_recipe(tmp_path, backbones, shards)
     assert main(["train", str(recipe), *overrides]) == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
@@ -120,9 +111,9 @@ def test_train_verb_errors_are_one_line(tmp_path, backbones, train_shards, capsy
     assert "missing.yaml: cannot read the recipe" in capsys.readouterr().err
 
 
-def test_train_verb_errors_are_one_line_in_a_real_process(tmp_path, backbones, train_shards):
+def test_train_verb_errors_are_one_line_in_a_real_process(tmp_path, backbones, shards):
     """Nothing else reaches the real stderr (loading bars, library logs) before the error."""
-    recipe = str(tiny_recipe(tmp_path, backbones, train_shards))
+    recipe = str(tiny_recipe(tmp_path, backbones, shards))
     script = (
         "import sys; from interleaf.cli import main; "
         f"codes = [main(['train', {recipe!r}, 'model.lm.source=foo/bar']), "

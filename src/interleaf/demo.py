@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from interleaf.config import (
     CrossAttentionConfig,
     FlamingoConfig,
@@ -115,7 +113,6 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     """Run every stage (skipping finished ones); return the reports, timings and the answer."""
     start = time.perf_counter()
     opts = opts.scaled()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     stages = Stages(opts.out)
     world = stages.run("world", _world_config(opts), lambda d: _write_world(d, opts))
     lm_config = {"lm": dataclasses.asdict(opts.lm), "after": stages.digests}

@@ -186,6 +186,16 @@ def test_in_context_documents_follow_one_rule_each_and_it_changes(docs):
     assert max(len(words) for words in words_for.values()) >= 3, "a class gets a new word in each document"
 
 
+@pytest.mark.parametrize("kind", ["icl_words", "icl_attribute", *(f"icl_{g}_words" for g in tw.GRANULARITIES)])
+def test_single_rule_kinds_give_only_their_rule(kind):
+    docs = list(tw.iter_train_documents(seed=3, n=12, mix={kind: 1.0}))
+    rules = {d.meta["rule"] for d in docs}
+    assert rules == {"attribute" if kind == "icl_attribute" else "words"}
+    assert {d.meta["kind"] for d in docs} == {kind}
+    if kind.endswith("_words") and kind != "icl_words":
+        assert {d.meta["granularity"] for d in docs} == {kind.split("_")[1]}
+
+
 def test_word_classes_are_zipf_distributed():
     rng = random.Random(0)
     items = [f"class{i}" for i in range(25)]

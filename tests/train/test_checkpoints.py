@@ -28,7 +28,7 @@ def test_save_prune_and_skip_damaged(tmp_path):
     for step in (2, 4, 6):
         with torch.no_grad():
             model.weight.fill_(step)
-        checkpoints.save(tmp_path, step, model, {"data": {"batches": step}}, keep_last=2)
+        checkpoints.save(tmp_path, step, {"weight": model.weight}, {"data": {"batches": step}}, keep_last=2)
     assert [p.name for p in checkpoints.checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
     assert not list(tmp_path.glob(".tmp-*"))
     newest = checkpoints.latest(tmp_path)

@@ -8,9 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from interleaf.data.shards import write_shards
 from interleaf.data.stream import Loader
-from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.flamingo import Flamingo
 from interleaf.train import loop as loop_module
 from interleaf.train.checkpoints import init_weights
@@ -18,13 +16,6 @@ from interleaf.train.config import Recipe
 from interleaf.train.loop import train
 
 from conftest import tiny_config, tiny_recipe
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    write_shards(iter_train_documents(seed=0, n=60), out, max_samples=20)
-    return str(out)
 
 
 def recipe(backbones, shards, out_dir, **train) -> Recipe:

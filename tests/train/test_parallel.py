@@ -19,8 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from interleaf.data.collate import CollateConfig
-from interleaf.data.shards import write_shards
-from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.masks import IGNORE_INDEX
 from interleaf.processing import Processor
 from interleaf.train import parallel
@@ -32,13 +30,6 @@ from conftest import TEXTS, encode, tiny_config, tiny_recipe
 DISTJOB = Path(__file__).with_name("distjob.py")
 CONFIGS = Path(__file__).parents[2] / "configs" / "deepspeed"
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    write_shards(iter_train_documents(seed=0, n=40), out, max_samples=20)
-    return str(out)
 
 
 def recipe(backbones, shards, out_dir, **train) -> Recipe:

@@ -8,8 +8,6 @@ import transformers
 import yaml
 
 from interleaf import Flamingo
-from interleaf.data.shards import write_shards
-from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.trainable import GROUPS, parameter_report
 from interleaf.train.config import load_recipe
 
@@ -21,13 +19,6 @@ SHIPPED = [
     "instruct_lora",
     "instruct_unfreeze",
 ]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    write_shards(iter_train_documents(seed=0, n=40), out, max_samples=20)
-    return out
 
 
 def tiny_overrides(name: str, shards: Path, backbones, out_dir: Path) -> list[str]:

@@ -62,10 +62,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -74,13 +70,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(out_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically under ``out_dir`` and prune to ``keep_last``."""
+def save(out_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``checkpoint-<step>`` (the trainable ``weights`` by name, and ``state``) atomically
+    under ``out_dir`` and prune to ``keep_last``."""
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / WEIGHTS, metadata={"step": str(step)})
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
+    save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
     torch.save({**state, "step": step}, tmp / STATE)
     for file in (tmp / WEIGHTS, tmp / STATE, tmp):
         _fsync(file)

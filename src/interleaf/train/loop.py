@@ -179,18 +179,6 @@ class Loggers:
             self.wandb.finish()
 
 
-class GatheredWeights:
-    """Full trainable weights standing in for the model in :func:`checkpoints.save`, which
-    takes their names and values from ``named_parameters()``."""
-
-    def __init__(self, weights: dict[str, torch.Tensor]):
-        self.weights = weights
-
-    def named_parameters(self):
-        for name, tensor in self.weights.items():
-            yield name, torch.nn.Parameter(tensor)
-
-
 @dataclass
 class Run:
     """Everything the loop mutates, and what it checkpoints.
@@ -235,7 +223,7 @@ class Run:
         state = self.state()
         parallel.barrier(self.dist)
         if self.dist.main:
-            checkpoints.save(self.out_dir, self.step, GatheredWeights(weights), state, self.recipe.train.keep_last)
+            checkpoints.save(self.out_dir, self.step, weights, state, self.recipe.train.keep_last)
         parallel.barrier(self.dist)
         return self.out_dir / f"checkpoint-{self.step}"
 
