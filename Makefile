@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # pulling a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-base lint format clean
 
 # The last install is the reference for the parity tests: open-flamingo pins torch 2.0.1, so
 # only its model code is installed (without dependencies), with the one small package it imports.
@@ -25,13 +25,24 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+# A base install (`pip install .`, no extras) in a virtualenv of its own, smoke-tested.
+BASE_VENV ?= .venv-base
+test-base:
+	rm -rf $(BASE_VENV)
+	$(PYTHON) -m venv $(BASE_VENV)
+	$(BASE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BASE_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(BASE_VENV)/bin/python -m pip install --quiet .
+	cd /tmp && HF_HUB_OFFLINE=1 $(CURDIR)/$(BASE_VENV)/bin/python $(CURDIR)/.ci/smoke_base_install.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports --config .importlinter
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BASE_VENV) .pytest_cache .ruff_cache build

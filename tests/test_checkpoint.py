@@ -1,11 +1,14 @@
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from interleaf import Flamingo, FlamingoConfig
-from interleaf.checkpoint import WEIGHTS
-from interleaf.config import ResamplerConfig
+from interleaf import Flamingo, FlamingoConfig, Processor
+from interleaf.config import LMConfig, ResamplerConfig, VisionConfig
+from interleaf.model.checkpoint import WEIGHTS
 
 from conftest import TEXTS, encode, open_gates
 
@@ -38,18 +41,83 @@ def test_trainable_only_checkpoint_references_backbones(make_model, tmp_path):
     assert torch.equal(logits(loaded), logits(model))
 
 
-def test_trainable_only_needs_named_backbones(make_model, backbones, tmp_path):
-    from interleaf.checkpoint import load_lm_and_tokenizer
+def test_trainable_only_needs_named_backbones(backbones, tmp_path):
+    from transformers import AutoImageProcessor
+
+    from interleaf.model.checkpoint import load_lm_and_tokenizer
     from interleaf.model.vision import load_tower
 
-    model = make_model()
     lm, tok = load_lm_and_tokenizer(backbones("lm", "llama"))
-    anonymous = Flamingo(FlamingoConfig(), lm=lm, vision_tower=load_tower(backbones("vision", "clip")), tokenizer=tok)
+    tower = load_tower(backbones("vision", "clip"))
+    anonymous = Flamingo(FlamingoConfig(), lm=lm, vision_tower=tower, tokenizer=tok)
+    with pytest.raises(ValueError, match="the model has no image processor"):
+        anonymous.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    anonymous.image_processor = AutoImageProcessor.from_pretrained(backbones("vision", "clip"))
     with pytest.raises(ValueError, match="config.lm.source is empty"):
         anonymous.save_pretrained(tmp_path / "x", trainable_only=True)
     anonymous.save_pretrained(tmp_path / "y")  # a full checkpoint is self-contained
     assert Flamingo.from_pretrained(tmp_path / "y").config.lm.source == ""
-    del model
+
+
+def copy_backbones(backbones, where):
+    for what, name in (("lm", "llama"), ("vision", "clip")):
+        shutil.copytree(backbones(what, name), where / what)
+
+
+@pytest.mark.parametrize("trainable_only", [False, True])
+def test_checkpoints_load_from_another_working_directory(make_model, backbones, tmp_path, monkeypatch, trainable_only):
+    """Backbones named by relative paths: saved absolute (outside the checkpoint) or relative
+    to the checkpoint (inside it, so the directory can move)."""
+    base = make_model()
+    reference, base = logits(base), base.config
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy_backbones(backbones, work / "bb")
+    copy_backbones(backbones, work / "ckpt-in" / "backbones")
+    monkeypatch.chdir(work)
+    for ckpt, lm, vision in (
+        ("ckpt-out", "bb/lm", "bb/vision"),
+        ("ckpt-in", "ckpt-in/backbones/lm", "ckpt-in/backbones/vision"),
+    ):
+        config = dataclasses.replace(base, lm=LMConfig(source=lm), vision=VisionConfig(source=vision))
+        torch.manual_seed(0)
+        model = Flamingo.from_config(config)
+        open_gates(model)
+        model.save_pretrained(ckpt, trainable_only=trainable_only)
+    saved = {name: json.loads((work / name / "config.json").read_text()) for name in ("ckpt-out", "ckpt-in")}
+    assert saved["ckpt-out"]["lm"]["source"] == str(work / "bb" / "lm")
+    assert saved["ckpt-in"]["vision"]["source"] == "./backbones/vision"
+
+    monkeypatch.chdir(elsewhere)
+    shutil.move(work / "ckpt-in", elsewhere / "moved")
+    for path in (work / "ckpt-out", elsewhere / "moved"):
+        loaded = Flamingo.from_pretrained(path)
+        # the same weights on the same batch and shapes, read back from disk
+        assert torch.equal(logits(loaded), reference)
+        assert Path(loaded.config.vision.source).is_absolute()
+        assert Processor.from_pretrained(path)(["a"])["input_ids"].shape[0] == 1
+    loaded.save_pretrained(elsewhere / "again", trainable_only=trainable_only)  # and saves again from there
+    assert torch.equal(logits(Flamingo.from_pretrained(elsewhere / "again")), reference)
+
+
+def test_a_full_checkpoint_needs_nothing_else(make_model, backbones, tmp_path, monkeypatch):
+    copy_backbones(backbones, tmp_path / "bb")
+    config = dataclasses.replace(
+        make_model().config,
+        lm=LMConfig(source=str(tmp_path / "bb" / "lm")),
+        vision=VisionConfig(source=str(tmp_path / "bb" / "vision")),
+    )
+    torch.manual_seed(0)
+    model = Flamingo.from_config(config)
+    model.save_pretrained(tmp_path / "ckpt")
+    expected = logits(model)
+    shutil.rmtree(tmp_path / "bb")
+    monkeypatch.chdir(tmp_path)
+    loaded = Flamingo.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(logits(loaded), expected)
+    processor = Processor.from_pretrained(tmp_path / "ckpt")
+    assert processor.image_processor.to_dict() == model.image_processor.to_dict()
 
 
 def test_truncated_weights_are_a_clear_error(make_model, tmp_path):
@@ -105,8 +173,6 @@ def test_save_load_keeps_opened_gates_and_dtype(make_model, tmp_path):
 
 
 def test_model_checkpoint_carries_its_processor(make_model, tmp_path):
-    from interleaf import Processor
-
     model = make_model()
     model.save_pretrained(tmp_path / "ckpt")
     processor = Processor.from_pretrained(tmp_path / "ckpt")

@@ -34,12 +34,43 @@ def test_generate_verb(demo_run, tmp_path, capsys):
 
 def test_generate_verb_reports_bad_input(demo_run, tmp_path, capsys):
     model_dir, _ = demo_run
-    code = main(["generate", "--model", str(model_dir), "--prompt", "<image><image>two", "--image", "x.png"])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    code = main(["generate", "--model", str(model_dir), "--prompt", "<image><image>two", "--image", str(image)])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("interleaf generate: error:") and "prompt 0" in err
+    code = main(["generate", "--model", str(model_dir), "--prompt", "<image>one", "--image", str(tmp_path / "y.png")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == f"interleaf generate: error: argument --image: no such file: {tmp_path / 'y.png'}\n"
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
     assert "neither a local directory" in capsys.readouterr().err
+
+
+def test_eval_verb_checks_the_task_before_loading_the_model(demo_run, tmp_path, capsys):
+    model_dir, _ = demo_run
+    args = ["eval", "--model", str(model_dir), "--task", "tinyworld_classification", "--out", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("interleaf eval: error: task tinyworld_classification needs --root, the directory holding")
+    assert len(err.splitlines()) == 1
+    assert main([*args, "--limit", "0"]) == 2
+    assert capsys.readouterr().err == "interleaf eval: error: argument --limit: must be >= 1, got 0\n"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_report_of_the_demo_skips_its_stage_file(quick_demo, tmp_path, capsys):
+    opts, _ = quick_demo
+    files = sorted(str(p) for p in (opts.out / "eval").glob("*.json"))
+    assert any(f.endswith("stage.json") for f in files)
+    assert main(["eval", "report", *files, "--out", str(tmp_path / "plot.png")]) == 0
+    captured = capsys.readouterr()
+    notes = captured.err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith("interleaf eval: note: ") and "stage.json" in notes[0]
+    rows = [line for line in captured.out.splitlines() if line.startswith("| random demos | tinyworld_")]
+    assert len(rows) == len(files) - 1, captured.out
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # -- interleaf train -------------------------------------------------------------------------
@@ -137,3 +168,16 @@ def test_from_config_names_the_backbone_that_cannot_load(backbones):
         Flamingo.from_config(FlamingoConfig(lm=good))
     with pytest.raises(ValueError, match=r"^vision.source 'nope/vision': cannot load the vision encoder: [^\n]+$"):
         Flamingo.from_config(FlamingoConfig(lm=good, vision=VisionConfig(source="nope/vision")))
+
+
+def test_the_demo_prints_a_generate_command_that_gives_its_caption(demo_run, capsys):
+    """The README's generate example is this command: it must answer what the demo answered."""
+    import shlex
+
+    _, result = demo_run
+    words = shlex.split(result["command"])
+    assert words[:2] == ["interleaf", "generate"]
+    assert all(Path(words[i + 1]).is_file() for i, w in enumerate(words) if w == "--image")
+    capsys.readouterr()
+    assert main(words[1:]) == 0
+    assert capsys.readouterr().out.strip() == result["caption"]

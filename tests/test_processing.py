@@ -46,6 +46,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def expected_pixels(processor: Processor, image: Image.Image) -> torch.Tensor:
+    # compared exactly with the same image's slot in a larger batch: the PIL image processors
+    # resize and normalise one image at a time (no batched matmul), the same computation per image
     return processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 

@@ -3,9 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from interleaf.extras import MissingExtra
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``interleaf <verb>: error: <message>``,
+    with exit status 2 (the usage stays available with ``-h``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse ``type``: ``kind(text)``, which must be finite and satisfy ``ok``; argparse
+    reports a failure as ``argument --limit: must be >= 1, got 0``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, ">= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, ">= 0")
+positive_float = _checked(float, lambda v: v > 0, "> 0")
+fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+top_p_fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def existing_path(text: str) -> Path:
+    """An argparse ``type``: a file or directory that exists."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
+    return Path(text)
+
+
+def existing_file(text: str) -> Path:
+    """An argparse ``type``: a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{'not a file' if Path(text).exists() else 'no such file'}: {text}")
+    return Path(text)
+
+
+def existing_dir(text: str) -> Path:
+    """An argparse ``type``: a directory that exists."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{'not a directory' if Path(text).exists() else 'no such directory'}: {text}")
+    return Path(text)
 
 
 def demo(out: Path, seed: int, scale: float) -> None:
@@ -25,16 +83,17 @@ def generate(
     temperature: float,
     top_p: float,
     seed: int | None,
+    stop: list[str],
     stream_output: bool,
 ) -> None:
-    """Generate a continuation of ``prompt``, whose ``<image>`` placeholders take ``images`` in order."""
-    from interleaf.generation import stream
+    """Generate a continuation of ``prompt``, whose ``<image>`` placeholders take ``images`` in
+    order; the text is cut before the first of the ``stop`` strings."""
+    from interleaf.generation import GenerationConfig, decode, stream
     from interleaf.model.flamingo import Flamingo
     from interleaf.processing import Processor
 
-    model = Flamingo.from_pretrained(model_dir)
-    processor = Processor.from_pretrained(model_dir)
-    batch = processor(prompt, images=list(images))
+    if stream_output and num_beams != 1:
+        raise ValueError("--stream shows one continuation as it grows; it does not combine with --num-beams")
     settings = dict(
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
@@ -42,53 +101,37 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        stop_strings=tuple(stop),
     )
-    if stream_output and num_beams != 1:
-        raise ValueError("--stream shows one continuation as it grows; it does not combine with --num-beams")
+    GenerationConfig(**settings)  # every setting checked before the model loads
+    model = Flamingo.from_pretrained(model_dir)
+    processor = Processor.from_pretrained(model_dir)
+    batch = processor(prompt, images=list(images))
     if stream_output:
         for piece in stream(model, **batch, **settings):
             print(piece, end="", flush=True)
         print()
         return
     ids = model.generate(**batch, **settings)
-    print(processor.batch_decode(ids, skip_special_tokens=True)[0])
+    print(decode(processor.tokenizer, ids, stop)[0])
 
 
 def train(recipe_path: Path, overrides: list[str]) -> None:
-    """Train the model of a YAML recipe (with ``key.sub=value`` overrides), after printing
-    which parameters train."""
-    from interleaf.model.flamingo import Flamingo
-    from interleaf.model.trainable import parameter_report
+    """Train the model of a YAML recipe (with ``key.sub=value`` overrides); the run prints
+    what ``train.init_from`` loaded and which parameters train."""
     from interleaf.train.config import load_recipe
-    from interleaf.train.loop import Loggers, seed_everything
     from interleaf.train.loop import train as run
 
     recipe = load_recipe(recipe_path, overrides)
-    try:
-        Loggers.check(recipe.train)
-    except RuntimeError as e:
-        raise ValueError(str(e)) from None
-    seed_everything(recipe.train.seed)
-    model = Flamingo.from_config(recipe.model)
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        print(format_parameter_report(parameter_report(model), sum(p.numel() for p in model.parameters())))
-    result = run(recipe, model=model)
-    if main_process:
+    result = run(recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
         stopped = " (stopped by a signal)" if result["stopped"] else ""
         print(f"trained to step {result['step']}{stopped}; saved to {result['final'] or result['checkpoint']}")
 
 
-def format_parameter_report(report: dict[str, int], total: int) -> str:
-    """The trainable parameter counts as a small table: the total, then one line per group."""
-    lines = [f"trainable parameters: {report['total']:,} of {total:,} ({100 * report['total'] / max(total, 1):.2f}%)"]
-    lines += [f"  {group:<22}{count:>16,}" for group, count in report.items() if group != "total"]
-    return "\n".join(lines)
-
-
 def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every: int | None) -> None:
     """Convert an upstream checkpoint into an interleaf checkpoint."""
-    from interleaf.checkpoint import resolve
+    from interleaf.hub import resolve
 
     if fmt == "idefics":
         from interleaf.convert.idefics import convert as run_idefics
@@ -99,6 +142,8 @@ def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every
 
         if lm is None:
             raise ValueError("convert openflamingo needs --lm, the language model the checkpoint was trained on")
+        if not Path(src).is_file():
+            raise ValueError(f"convert openflamingo: src {src}: no such checkpoint file (its checkpoint.pt)")
         out = run_openflamingo(src, dst, lm=lm, vision=vision, cross_attn_every_n_layers=every)
     print(f"wrote an interleaf checkpoint to {out}")
 
@@ -106,15 +151,32 @@ def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every
 def data_convert(
     fmt: str, src: Path, out: Path, *, shard_size: int, max_skip_rate: float, image_root: Path | None
 ) -> None:
-    """Read ``src`` in format ``fmt`` and write webdataset shards of ``shard_size`` documents."""
+    """Read ``src`` in format ``fmt`` and write webdataset shards of ``shard_size`` documents.
+
+    Reading no usable document (e.g. a file of another format) is an error that names the file,
+    the format and the skip reasons; so is writing none (e.g. no image could be read)."""
+    import itertools
+
     from interleaf.data.formats import read
-    from interleaf.data.schema import SkipCounter
+    from interleaf.data.schema import DataError, SkipCounter
     from interleaf.data.shards import write_shards
 
+    if not src.exists():
+        raise ValueError(f"src {src}: no such file or directory")
     reading, writing = SkipCounter(max_skip_rate=max_skip_rate), SkipCounter(max_skip_rate=max_skip_rate)
     options = {"image_root": image_root} if image_root is not None else {}
-    docs = read(src, fmt, counter=reading, **options)
-    shards = write_shards(docs, out, max_samples=shard_size, counter=writing)
+    try:
+        docs = read(src, fmt, counter=reading, **options)
+        first = next(docs, None)
+        if first is None:
+            raise ValueError(f"{src}: no usable {fmt} document read (is it in the {fmt} format?): {reading.report()}")
+        shards = write_shards(itertools.chain([first], docs), out, max_samples=shard_size, counter=writing)
+    except FileNotFoundError as e:  # a directory without files of the format
+        raise ValueError(f"{fmt}: {e}") from None
+    except DataError as e:  # too many skips: the counter's verdict
+        raise ValueError(f"{src} ({fmt}): {e}") from None
+    if writing.seen == sum(writing.skipped.values()):
+        raise ValueError(f"{src}: wrote no {fmt} document to {out}: {writing.report()}")
     print(f"wrote {len(shards)} shards to {out}; read: {reading.report()}; written: {writing.report()}")
 
 
@@ -141,7 +203,10 @@ def data_inspect(spec: str, samples: int) -> None:
 def data_tinyworld(out: Path, seed: int, n_train: int, n_eval: int, image_size: int) -> None:
     from interleaf.data import tinyworld
 
-    tinyworld.write(out, seed=seed, n_train=n_train, n_eval=n_eval, image_size=image_size)
+    try:
+        tinyworld.write(out, seed=seed, n_train=n_train, n_eval=n_eval, image_size=image_size)
+    except FileExistsError as e:  # out holds something else
+        raise ValueError(str(e)) from None
     print(f"wrote the tiny world (seed {seed}) to {out}")
 
 
@@ -167,8 +232,12 @@ def evaluate(
     from interleaf.model.flamingo import Flamingo
     from interleaf.processing import Processor
 
+    # Everything that can be wrong with the task or the options fails here, before the model loads.
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the results JSON file to write")
     spec, support, queries = load_task(task, root)
     cfg = EvalConfig(shots=tuple(shots), demos=demos, trials=trials, seed=seed, batch_size=batch_size, limit=limit)
+    out.parent.mkdir(parents=True, exist_ok=True)
     model, processor = Flamingo.from_pretrained(model_dir), Processor.from_pretrained(model_dir)
     rices = Rices.from_model(model, processor, cache_dir=out.parent / ".rices") if demos == "rices" else None
     report = run(model, processor, spec, support, queries, cfg, model_name=model_dir, out=out, rices=rices)
@@ -177,35 +246,46 @@ def evaluate(
 
 
 def eval_report(paths: list[str], out: Path | None) -> None:
+    """The table (and with ``out`` the plot) of evaluation result files; other JSON files among
+    them (a demo's ``stage.json``) are skipped with a note on stderr."""
     from interleaf.eval.report import load, plot, table
 
-    reports = load(paths)
+    if not paths:
+        raise ValueError("no result files given (eval report RESULTS.json ...)")
+    if out is not None and out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the plot file to write (e.g. plot.png)")
+    reports = load(paths, on_other=lambda note: print(f"interleaf eval: note: {note}", file=sys.stderr))
+    if not reports:
+        raise ValueError(f"none of the {len(paths)} files given is an evaluation result")
     print(table(reports))
     if out is not None:
         print(f"plot: {plot(reports, out)}")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="interleaf", description=__doc__)
-    verbs = p.add_subparsers(dest="verb", required=True)
+    p = Parser(prog="interleaf", description=__doc__)
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
     d = verbs.add_parser(
         "demo", help="tiny world -> pretrained tiny backbones -> Flamingo stages -> few-shot evaluation, on the CPU"
     )
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where every stage's output goes")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--scale", type=float, default=1.0, help="multiply data and steps (0.25: quick look; 2: stronger)")
+    d.add_argument(
+        "--scale", type=positive_float, default=1.0, help="multiply data and steps (0.25: quick look; 2: stronger)"
+    )
 
     g = verbs.add_parser("generate", help="generate from an interleaved prompt")
     g.add_argument("--model", required=True, help="an interleaf checkpoint directory or hub id")
     g.add_argument("--prompt", required=True, help="text with one <image> placeholder per --image")
-    g.add_argument("--image", type=Path, action="append", default=[], help="an image file (repeat, in order)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--image", type=existing_file, action="append", default=[], help="an image file (repeat, in order)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=32)
+    g.add_argument("--num-beams", type=positive_int, default=1)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument("--top-p", type=top_p_fraction, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="end the text before this string (repeat for several)")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
 
     t = verbs.add_parser("train", help="train a model from a YAML recipe (see configs/recipes/)")
@@ -218,46 +298,53 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("dst", type=Path, help="where to write the interleaf checkpoint")
     c.add_argument("--lm", help="OpenFlamingo: the language model (hub id or directory), e.g. anas-awadalla/mpt-7b")
     c.add_argument("--vision", default="openai/clip-vit-large-patch14", help="OpenFlamingo: the HF CLIP vision tower")
-    c.add_argument("--cross-attn-every-n-layers", type=int, help="OpenFlamingo: checked against the checkpoint")
+    c.add_argument(
+        "--cross-attn-every-n-layers", type=positive_int, help="OpenFlamingo: checked against the checkpoint"
+    )
 
     e = verbs.add_parser("eval", help="few-shot evaluation (or: eval report RESULTS.json ... --out plot.png)")
     e.add_argument("action", nargs="?", choices=["report"], help="report: table and plot of result files")
     e.add_argument("results", nargs="*", help="report: result files")
     e.add_argument("--model", help="an interleaf checkpoint directory or hub id")
     e.add_argument("--task", help="a built-in task name or a task YAML file")
-    e.add_argument("--root", help="the task's data directory (where its files are)")
-    e.add_argument("--shots", type=int, nargs="+", default=[0, 4])
+    e.add_argument("--root", type=existing_dir, help="the task's data directory (where its files are)")
+    e.add_argument("--shots", type=non_negative_int, nargs="+", default=[0, 4])
     e.add_argument("--demos", choices=["random", "rices"], default="random")
-    e.add_argument("--trials", type=int, default=1)
+    e.add_argument("--trials", type=positive_int, default=1)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--limit", type=int, help="evaluate only the first N queries")
+    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--limit", type=positive_int, help="evaluate only the first N queries (default: all)")
     e.add_argument("--out", type=Path, help="results JSON (run) or plot PNG (report)")
 
     data = verbs.add_parser("data", help="convert, inspect and generate training data").add_subparsers(
-        dest="data_verb", required=True
+        dest="data_verb", required=True, parser_class=Parser
     )
     dc = data.add_parser("convert", help="a dataset in a known format -> webdataset shards")
     dc.add_argument("format", help="mmc4, obelics, pairs_wds, pairs_parquet, llava, annt")
-    dc.add_argument("src", type=Path, help="a file or a directory of files in that format")
+    dc.add_argument("src", type=existing_path, help="a file or a directory of files in that format")
     dc.add_argument("out", type=Path, help="directory for the shards")
-    dc.add_argument("--shard-size", type=int, default=1000, help="documents per shard")
-    dc.add_argument("--max-skip-rate", type=float, default=0.2, help="fail when more are skipped")
-    dc.add_argument("--image-root", type=Path, help="where the format's image files are")
+    dc.add_argument("--shard-size", type=positive_int, default=1000, help="documents per shard")
+    dc.add_argument("--max-skip-rate", type=fraction, default=0.2, help="fail when more are skipped (0 to 1)")
+    dc.add_argument("--image-root", type=existing_dir, help="where the format's image files are")
     di = data.add_parser("inspect", help="counts and a few samples of webdataset shards")
     di.add_argument("shards", help="a directory, a glob or a brace pattern of .tar shards")
-    di.add_argument("--samples", type=int, default=3)
+    di.add_argument("--samples", type=non_negative_int, default=3)
     dt = data.add_parser("tinyworld", help="write the synthetic tiny world in the real formats")
     dt.add_argument("out", type=Path)
     dt.add_argument("--seed", type=int, default=0)
-    dt.add_argument("--n-train", type=int, default=2000)
-    dt.add_argument("--n-eval", type=int, default=200)
-    dt.add_argument("--image-size", type=int, default=32)
+    dt.add_argument("--n-train", type=positive_int, default=2000)
+    dt.add_argument("--n-eval", type=positive_int, default=200)
+    dt.add_argument("--image-size", type=positive_int, default=32)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run one verb; the exit status: 0, or 2 after one line ``interleaf <verb>: error: ...`` on
+    stderr for a bad argument or input (checked before any model is loaded)."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # -h, or a bad argument (Parser.error printed the line)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.verb == "demo":
@@ -310,10 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                 temperature=args.temperature,
                 top_p=args.top_p,
                 seed=args.seed,
+                stop=args.stop,
                 stream_output=args.stream,
             )
-    except ValueError as e:
-        print(f"interleaf {args.verb}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (ValueError, MissingExtra) as e:
+        verb = f"{args.verb} {args.data_verb}" if args.verb == "data" else args.verb
+        print(f"interleaf {verb}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

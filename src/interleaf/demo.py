@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,25 @@ from interleaf.config import (
 )
 from interleaf.data import tinyworld
 from interleaf.data.collate import CollateConfig
-from interleaf.train.backbones import LMPretraining, VisionPretraining
+from interleaf.data.formats import read
+from interleaf.data.shards import write_shards
+from interleaf.eval.harness import EvalConfig, Prompter, answer_text, evaluate, rank_candidates
+from interleaf.eval.report import plot, table
+from interleaf.eval.rices import Rices
+from interleaf.eval.tasks import load_task
+from interleaf.model.flamingo import Flamingo
+from interleaf.processing import Processor
+from interleaf.train.backbones import (
+    LMPretraining,
+    VisionPretraining,
+    document_text,
+    pretrain_lm,
+    pretrain_vision,
+    scene_pairs,
+    train_tokenizer,
+)
+from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
+from interleaf.train.loop import train
 
 TASKS = ("tinyworld_classification", "tinyworld_vqa", "tinyworld_caption")
 STAGE2_MIX = {"icl_colour_words": 0.3, "icl": 0.3, "task": 0.2, "interleaved": 0.1, "pair": 0.1}
@@ -137,13 +156,12 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
         lambda d: _evaluate(d, opts, model_dir, world),
     )
     reports = [json.loads(p.read_text()) for p in sorted(evaluation.glob("*.json")) if p.name != "stage.json"]
-    from interleaf.eval.report import plot, table
 
     print("\nfew-shot scores on the held-out tasks (x100; model column: how demonstrations were chosen)\n")
     print(table(reports))
     figure = plot(reports, opts.out / "fewshot.png")
     print(f"\nplot: {figure}")
-    answer = _answer(model_dir, world)
+    answer = _answer(model_dir, world, opts.out / "examples")
     seconds = time.perf_counter() - start
     print(f"\ndone in {seconds:.0f}s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.times.items()))
     return {"reports": reports, "times": stages.times, "seconds": seconds, "model": model_dir, **answer}
@@ -158,7 +176,6 @@ def _write_world(where: Path, opts: DemoOptions) -> None:
 
 
 def _lm(where: Path, opts: DemoOptions) -> None:
-    from interleaf.train.backbones import document_text, pretrain_lm, train_tokenizer
 
     texts = [document_text(doc) for doc in tinyworld.iter_train_documents(opts.seed, opts.documents)]
     tokenizer = train_tokenizer(texts, vocab_size=512)
@@ -168,8 +185,6 @@ def _lm(where: Path, opts: DemoOptions) -> None:
 
 def _vision(where: Path, opts: DemoOptions, lm: Path) -> None:
     from transformers import AutoTokenizer
-
-    from interleaf.train.backbones import pretrain_vision, scene_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(lm)
     cfg = dataclasses.replace(opts.vision, seed=opts.seed)
@@ -192,7 +207,6 @@ def flamingo_config(lm: Path, vision: Path) -> FlamingoConfig:
 
 
 def _recipe(where: Path, opts: DemoOptions, model: FlamingoConfig, sources: dict[str, str], steps: int, lr: float):
-    from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
 
     return Recipe(
         model=model,
@@ -217,9 +231,6 @@ def _recipe(where: Path, opts: DemoOptions, model: FlamingoConfig, sources: dict
 
 def _stage1(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path) -> None:
     """Frozen backbones; the world's interleaved documents (MMC4 layout) and pairs (parquet)."""
-    from interleaf.data.formats import read
-    from interleaf.data.shards import write_shards
-    from interleaf.train.loop import train
 
     shards = where / "shards"
     if not (shards / "pairs").exists():
@@ -233,8 +244,6 @@ def _stage1(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path)
 
 def _stage2(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path, stage1: Path) -> None:
     """From stage 1's weights, the LM unfrozen, on task and in-context documents (a fresh draw of the world)."""
-    from interleaf.data.shards import write_shards
-    from interleaf.train.loop import train
 
     shards = where / "shards"
     if not shards.exists():
@@ -249,11 +258,6 @@ def _stage2(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path,
 
 
 def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> None:
-    from interleaf.eval.harness import EvalConfig, evaluate
-    from interleaf.eval.rices import Rices
-    from interleaf.eval.tasks import load_task
-    from interleaf.model.flamingo import Flamingo
-    from interleaf.processing import Processor
 
     model, processor = Flamingo.from_pretrained(model_dir).eval(), Processor.from_pretrained(model_dir)
     rices = Rices.from_model(model, processor, cache_dir=where / ".rices")
@@ -275,14 +279,13 @@ def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> N
             )
 
 
-def _answer(model_dir: Path, world: Path) -> dict[str, Any]:
+def _answer(model_dir: Path, world: Path, examples: Path) -> dict[str, Any]:
     """Two interleaved prompts of the held-out tasks, answered by the final model: a picture to
     name with the invented words of four demonstrations (class names ranked, as the evaluation
-    does), and a caption generated for a picture of a held-out colour+shape combination."""
-    from interleaf.eval.harness import Prompter, answer_text, rank_candidates
-    from interleaf.eval.tasks import load_task
-    from interleaf.model.flamingo import Flamingo
-    from interleaf.processing import Processor
+    does), and a caption generated for a picture of a held-out colour+shape combination (the
+    first query of the held-out captioning task, after its first two support pictures), whose
+    pictures are written to ``examples`` with the ``interleaf generate`` command that answers
+    the same prompt."""
 
     model, processor = Flamingo.from_pretrained(model_dir).eval(), Processor.from_pretrained(model_dir)
     spec, support, queries = load_task("tinyworld_classification", world)
@@ -301,8 +304,22 @@ def _answer(model_dir: Path, world: Path) -> dict[str, Any]:
 
     spec, support, queries = load_task("tinyworld_caption", world)
     prompt, images = Prompter(spec, processor).build(queries[0], support[:2], text_only=False)
-    out = model.generate(**processor(prompt, images=images), max_new_tokens=spec.max_new_tokens, num_beams=3)
+    settings = {"max_new_tokens": spec.max_new_tokens, "num_beams": spec.num_beams, "stop_strings": spec.stop_strings}
+    out = model.generate(**processor(prompt, images=images), **settings)
     caption = answer_text(processor.batch_decode(out, skip_special_tokens=True)[0], spec)
+    examples.mkdir(parents=True, exist_ok=True)
+    files = [examples / name for name in ("caption-demo-1.png", "caption-demo-2.png", "caption-query.png")]
+    for image, file in zip(images, files):
+        image.save(file)
+    command = [
+        "interleaf generate",
+        f"--model {model_dir}",
+        f"--prompt {shlex.quote(prompt)}",
+        *(f"--image {file}" for file in files),
+        f"--num-beams {spec.num_beams} --max-new-tokens {spec.max_new_tokens}",
+        *(f"--stop {shlex.quote(stop)}" for stop in spec.stop_strings),
+    ]
     print(f"\nprompt: {prompt}")
     print(f"generated caption: {caption!r}; a reference: {queries[0].answers[0]!r}")
-    return {"answer": named, "expected": query.answers[0], "caption": caption}
+    print("the same prompt from the command line: " + " ".join(command))
+    return {"answer": named, "expected": query.answers[0], "caption": caption, "command": " ".join(command)}

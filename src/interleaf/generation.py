@@ -3,14 +3,24 @@ with streaming. Used by the CLI, the server and the evaluation harness.
 
 Per call, the images are encoded and every cross-attention block's keys/values are
 projected once (``Flamingo.prepare_media``); each step then runs the LM on the new token
-only, with the LM's KV cache. ``use_cache=False`` recomputes everything at every step
-(images included): the reference the cached path is tested against.
+only, with the LM's KV cache (passed to the LM as ``cache``, the name transformers uses
+from 5.24 on). ``use_cache=False`` recomputes everything at every step (images included):
+the reference the cached path is tested against.
+
+Stop strings. A sequence ends at the first step whose whole decoded continuation (with and
+without special tokens) contains one of ``stop_strings``, however many tokens it spans. The
+token ids that ``generate`` returns are left as they are, up to and including the token that
+completed the stop string (a stop string can end in the middle of a token); the TEXT is what
+gets trimmed: ``decode(tokenizer, ids, stop_strings)`` gives each row's text cut before its
+first stop string (``trim_at_stop``), and ``stream`` yields exactly that text, never any part
+of a stop string: it holds back a tail that could be the start of one until the next tokens
+resolve it.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +52,7 @@ class GenerationConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (not (self.do_sample and self.num_beams > 1), "sampling with beams is not supported"),
             (self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be <= max_new_tokens"),
+            (all(self.stop_strings), "stop_strings must not be empty"),
             (
                 self.do_sample or (self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0),
                 "temperature, top_k and top_p apply only with do_sample=True",
@@ -54,7 +65,9 @@ class GenerationConfig:
 
 def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values=None, **kwargs) -> Tensor:
     """Generate from a batch of prompts. Returns the new tokens only, (B, T_new), padded
-    with the pad id after each sequence's end; the stop token that ended it is included."""
+    with the pad id after each sequence's end; the stop token that ended it is included, and
+    so are the tokens of a stop string: ``decode(tokenizer, ids, stop_strings)`` gives the
+    texts, each cut before its stop string."""
     cfg = GenerationConfig(**_as_tuple_stop_strings(kwargs))
     last_step = deque(_decode(model, input_ids, attention_mask, pixel_values, cfg), maxlen=1)
     return last_step[0].result()
@@ -63,20 +76,69 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, pix
 def stream(
     model, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values=None, **kwargs
 ) -> Iterator[str]:
-    """Yield the text of one prompt's continuation piece by piece, as it is generated."""
+    """Yield the text of one prompt's continuation piece by piece, as it is generated. The
+    pieces join up to ``decode(model.tokenizer, ids, stop_strings)[0]`` of the same call's
+    ids: no part of a stop string is ever yielded."""
     cfg = GenerationConfig(**_as_tuple_stop_strings(kwargs))
     if input_ids.shape[0] != 1 or cfg.num_beams != 1:
         raise ValueError("streaming takes one prompt and num_beams=1")
+    stops = cfg.stop_strings
     emitted, text = "", ""
     for search in _decode(model, input_ids, attention_mask, pixel_values, cfg):
-        text = model.tokenizer.decode(search.tokens[0], skip_special_tokens=True)
+        text = _text(model.tokenizer, search.tokens[0])
         if text.endswith("\ufffd"):  # maybe an incomplete UTF-8 character: wait for the rest
             continue
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-            emitted = text
+        cut = _first_stop(text, stops)
+        if cut is not None:
+            text = text[:cut]
+            break
+        ready = text[: len(text) - _stop_prefix_length(text, stops)]  # hold back a possible stop start
+        if len(ready) > len(emitted):
+            yield ready[len(emitted) :]
+            emitted = ready
+    text = trim_at_stop(text, stops)
     if len(text) > len(emitted):
         yield text[len(emitted) :]
+
+
+def decode(tokenizer, ids: Tensor | Sequence[Sequence[int]], stop_strings: str | Iterable[str] = ()) -> list[str]:
+    """The texts of generated token ids (a (B, T) tensor from ``generate``, or a list of id
+    lists): special tokens (the stop token, padding) skipped, each text cut before the
+    earliest of ``stop_strings`` it contains. What the CLI and the server show."""
+    stops = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+    if isinstance(ids, Tensor):
+        ids = (ids[None] if ids.dim() == 1 else ids).tolist()
+    return [trim_at_stop(_text(tokenizer, list(row)), stops) for row in ids]
+
+
+def trim_at_stop(text: str, stop_strings: Iterable[str]) -> str:
+    """``text`` cut before the earliest occurrence of any of ``stop_strings`` (empty ones
+    are ignored); unchanged if none occurs."""
+    cut = _first_stop(text, stop_strings)
+    return text if cut is None else text[:cut]
+
+
+def _first_stop(text: str, stop_strings: Iterable[str]) -> int | None:
+    """Where the earliest stop string in ``text`` starts, or None."""
+    found = [i for s in stop_strings if s and (i := text.find(s)) >= 0]
+    return min(found, default=None)
+
+
+def _stop_prefix_length(text: str, stop_strings: Iterable[str]) -> int:
+    """The length of the longest end of ``text`` that is the beginning of a stop string
+    (and not a whole one): what streaming holds back until the next tokens resolve it."""
+    longest = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+def _text(tokenizer, ids: Sequence[int]) -> str:
+    """The text of generated ids as callers see it: special tokens skipped."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _as_tuple_stop_strings(kwargs: dict) -> dict:
@@ -134,8 +196,10 @@ class _StopRule:
             return True
         if not self.strings:
             return False
-        text = self.tokenizer.decode(generated[-32:], skip_special_tokens=False)
-        return any(s in text for s in self.strings)
+        # The whole continuation (it is short): a stop string may span any number of tokens.
+        # With special tokens, so a stop string may name one; without, as callers see the text.
+        texts = (self.tokenizer.decode(generated, skip_special_tokens=False), _text(self.tokenizer, generated))
+        return any(s in text for text in texts for s in self.strings)
 
 
 class _Session:
@@ -151,7 +215,7 @@ class _Session:
         # Each image is encoded once, then its keys/values are shared by the sample's beams.
         media = model.prepare_media(input_ids, pixel_values) if use_cache else None
         self.media = media.select(rows) if media is not None and copies > 1 else media
-        self.past = None
+        self.cache = None  # the LM's KV cache (transformers' Cache), after the first step
         # An <image> with no image behind it, or padding, is never a valid continuation.
         self.banned = sorted({model.ids.image, model.ids.pad} - {model.ids.eos})
 
@@ -159,16 +223,16 @@ class _Session:
         """(rows, V) log-probabilities of the next token, float32."""
         model = self.model
         if self.use_cache:
-            new = self.history if self.past is None else self.history[:, -1:]
+            new = self.history if self.cache is None else self.history[:, -1:]
             out = model.step(
                 new,
                 history_ids=self.history,
                 attention_mask=self.mask,
                 media=self.media,
-                past_key_values=self.past,
+                cache=self.cache,
                 use_cache=True,
             )
-            self.past = out.past_key_values
+            self.cache = out.cache
         else:
             media = model.prepare_media(self.history, self.pixel_values)
             out = model.step(self.history, history_ids=self.history, attention_mask=self.mask, media=media)
@@ -184,8 +248,8 @@ class _Session:
         if reorder is not None:
             # Beams are reordered within their own sample, so the media rows stay valid.
             self.history, self.mask = self.history[reorder], self.mask[reorder]
-            if self.past is not None:
-                self.past.reorder_cache(reorder)
+            if self.cache is not None:
+                self.cache.reorder_cache(reorder)
         self.history = torch.cat([self.history, tokens[:, None]], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
 

@@ -25,16 +25,15 @@ Each image is written into the text as ``tokens.image_prompt``; when that wraps 
 token in one repeated token (IDEFICS: ``<fake_token_around_image><image><fake_token_around_image>``),
 consecutive images share the wrapping token between them, as IDEFICS writes them. Images
 are converted to RGB (transparent pixels become white) and then resized, cropped and
-normalised by the vision encoder's own HF image processor. Every bad input raises a
+normalised by the vision encoder's own HF image processor (decoded by
+:func:`interleaf.images.load_image`, as the data pipeline decodes them). Every bad input raises a
 ``ValueError`` naming the prompt and the item.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,9 @@ from torch import Tensor
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, BatchFeature, PreTrainedTokenizerBase
 
 from interleaf.config import TokensConfig, from_dict
-from interleaf.tokens import prepare_tokenizer, token_ids
+from interleaf.hub import native
+from interleaf.images import load_image
+from interleaf.tokens import prepare_tokenizer, special_prefix, token_ids
 
 PLAIN_CHAT_FORMAT = {
     "system": "System: {text}<end_of_utterance>\n",
@@ -132,8 +133,6 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Processor:
         """Load what :meth:`save_pretrained` wrote, from a directory or hub id."""
-        from interleaf.convert import native
-
         directory = native(path)
         for name in (CONFIG_FILE, IMAGE_PROCESSOR_FILE, TOKENIZER_FILE):
             if not (directory / name).is_file():
@@ -214,7 +213,7 @@ class Processor:
         where = f"prompt {p}"
         if isinstance(prompt, str):
             sources = [Path(x) if isinstance(x, str) else x for x in images]
-            sample = _Sample(prompt, [load_image(x, f"{where}, image {j}") for j, x in enumerate(sources)])
+            sample = _Sample(prompt, [_image(x, f"{where}, image {j}") for j, x in enumerate(sources)])
         elif images:
             raise ValueError(
                 f"{where}: images= goes with text prompts that mark images with {self.tokens.image!r}; "
@@ -257,7 +256,7 @@ class Processor:
                     parts.append(self.tokens.text_separator)
                 parts.append(value.strip(" ") if self.tokens.strip_text else value)
             else:
-                images.append(load_image(value, at))
+                images.append(_image(value, at))
                 parts.append(self.tokens.image)
             last_was_text = kind == "text"
         return "".join(parts), images
@@ -270,16 +269,11 @@ class Processor:
             text, found = self._interleaved(content, f"{where}, message {m}")
             flat.append({"role": role, "content": text})
             images += found
-        generation = flat[-1]["role"] != "assistant"
-        if not self.tokenizer.chat_template:
-            turns = "".join(PLAIN_CHAT_FORMAT[t["role"]].format(text=t["content"]) for t in flat)
-            return _Sample(turns + (PLAIN_CHAT_GENERATION_PROMPT if generation else ""), images)
         try:
-            text = self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=generation)
+            text = render_chat(self.tokenizer, flat, generation=flat[-1]["role"] != "assistant")
         except jinja2.TemplateError as e:
             raise ValueError(f"{where}: the tokenizer's chat template rejects this conversation: {e}") from None
-        bos = self.tokenizer.bos_token
-        return _Sample(text, images, add_special_tokens=not (bos and text.startswith(bos)))
+        return _Sample(text, images, add_special_tokens=False)
 
     def write_images(self, text: str) -> str:
         """Replace each image token by ``tokens.image_prompt``, sharing a repeated wrapper token
@@ -304,61 +298,29 @@ class Processor:
         return out
 
 
-def load_image(source: Any, where: str) -> Image.Image:
-    """An RGB PIL image from a PIL image, a ``Path``, encoded ``bytes`` or a uint8 array.
-
-    Transparent pixels become white. Unreadable, corrupt or oversized (decompression bomb)
-    images raise a ``ValueError`` that starts with ``where``.
-    """
-    if isinstance(source, np.ndarray):
-        source = _from_array(source, where)
-    elif isinstance(source, bytearray):
-        source = bytes(source)
-    elif not isinstance(source, (Image.Image, Path, bytes)):
-        raise ValueError(f"{where}: unsupported item type {type(source).__name__}; expected {ITEM_TYPES}")
-    if isinstance(source, Path):
-        what = f"image file '{source}'"
-    else:
-        what = "image bytes" if isinstance(source, bytes) else "image"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _to_rgb(_open(source))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{where}: {what} is too large to decode safely: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise ValueError(f"{where}: cannot read {what}: not an image in a format PIL knows") from None
-    except Exception as e:  # PIL raises many types for broken files; none may escape untranslated
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-        raise ValueError(f"{where}: cannot read {what}: {reason}") from None
-
-
-def _open(source: Image.Image | Path | bytes) -> Image.Image:
-    if isinstance(source, Image.Image):
-        source.load()
-        return source
-    with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
-        image.load()
-        return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _from_array(array: np.ndarray, where: str) -> Image.Image:
-    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
-        raise ValueError(
-            f"{where}: an image array must be HxW or HxWxC uint8 with C in 1, 3 or 4, "
-            f"got shape {array.shape} dtype {array.dtype}"
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], *, generation: bool) -> str:
+    """A conversation (messages with ``str`` content) as the text the model reads, starting with
+    the tokenizer's own special prefix (its BOS, if it adds one): through the tokenizer's chat
+    template, or :data:`PLAIN_CHAT_FORMAT` without one; with ``generation``, the prompt for the
+    assistant's next turn follows. The one renderer of training (``data.collate``) and inference,
+    so that both see the same token ids; tokenize the result with ``add_special_tokens=False``."""
+    prefix = special_prefix(tokenizer)
+    if tokenizer.chat_template:
+        text = (
+            tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+            if messages
+            else ""
         )
-    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+        return text if text.startswith(prefix) else prefix + text
+    turns = "".join(PLAIN_CHAT_FORMAT[m["role"]].format(text=m["content"]) for m in messages)
+    return prefix + turns + (PLAIN_CHAT_GENERATION_PROMPT if generation else "")
+
+
+def _image(source: Any, where: str) -> Image.Image:
+    """An RGB image from a prompt item (see :func:`interleaf.images.load_image`)."""
+    if not isinstance(source, (Image.Image, Path, bytes, bytearray, np.ndarray)):
+        raise ValueError(f"{where}: unsupported item type {type(source).__name__}; expected {ITEM_TYPES}")
+    return load_image(source, where)
 
 
 def _classify(item: Any, where: str) -> tuple[Literal["text", "image"], Any]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 CORPUS = """\
@@ -119,8 +120,6 @@ def lm_config(family: str, vocab_size: int, *, hidden: int = 32, layers: int = 4
 
 def build_lm(directory: str | Path, family: str = "llama", *, seed: int = 0, tokenizer=None, **kw) -> Path:
     """Write a random tiny causal LM (weights, config, tokenizer) to ``directory``."""
-    import torch
-
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     vocab_size = kw.pop("vocab_size", len(tokenizer))  # may exceed the tokenizer, as Qwen2's and OPT's do
@@ -148,8 +147,6 @@ def vision_config(kind: str = "clip", *, image_size: int = 32, patch_size: int =
 
 def build_vision(directory: str | Path, kind: str = "clip", *, seed: int = 0, **kw) -> Path:
     """Write a random tiny vision encoder and its image-processor config to ``directory``."""
-    import torch
-
     cfg = vision_config(kind, **kw)
     torch.manual_seed(seed)
     model = transformers.AutoModel.from_config(cfg)
@@ -163,3 +160,55 @@ def build_vision(directory: str | Path, kind: str = "clip", *, seed: int = 0, **
         processor = transformers.SiglipImageProcessor(size={"height": size, "width": size})
     processor.save_pretrained(directory)
     return Path(directory)
+
+
+def build_idefics(path, *, padding_side="left", instruct=False, decoupled=True, **overrides):
+    """A tiny random IDEFICS saved as transformers writes it, with tokenizer and image processor.
+
+    ``decoupled``: the new tokens live in additional (decoupled) rows, as in the released
+    models; otherwise they are ordinary rows of the vocabulary.
+    """
+    tok = build_tokenizer()
+    extra = ["<fake_token_around_image>", "<image>"] + (["<end_of_utterance>"] if instruct else [])
+    vocab = len(tok) if decoupled else len(tok) + len(extra)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra], special_tokens=True)
+    tok.pad_token = "<unk>"
+    tok.padding_side = padding_side
+    use_resampler = overrides.pop("use_resampler", True)
+    qk_perceiver = overrides.pop("qk_layer_norms_perceiver", False)
+    config = transformers.IdeficsConfig(
+        vocab_size=vocab,
+        additional_vocab_size=len(tok) - vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        cross_layer_interval=overrides.pop("cross_layer_interval", 2),
+        use_resampler=use_resampler,
+        initializer_range=0.1,  # large enough weights that the images move the logits by far more than 1e-4
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        vision_config=dict(
+            embed_dim=24, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40
+        ),
+        perceiver_config=dict(
+            use_resampler=use_resampler,
+            resampler_n_latents=3,
+            resampler_depth=2,
+            resampler_n_heads=2,
+            resampler_head_dim=8,
+            qk_layer_norms_perceiver=qk_perceiver,
+        ),
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = transformers.IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():  # non-zero gates so the images matter; random norm weights too
+        for name, param in model.named_parameters():
+            if "alpha" in name or ("norm" in name and name.endswith("weight")):
+                param.copy_(torch.randn_like(param) * 0.5 + (0 if "alpha" in name else 1))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    transformers.IdeficsImageProcessorPil(image_size=32).save_pretrained(path)
+    return model

@@ -50,3 +50,20 @@ def token_ids(tokenizer, tokens: TokensConfig) -> TokenIds:
         pad=tokenizer.pad_token_id,
         eos=tokenizer.eos_token_id,
     )
+
+
+def special_prefix_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text when it adds its special tokens (its BOS, for
+    most; nothing for GPT-2 or Qwen): training sequences and prompts both start with these."""
+    probe = "a"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    return []
+
+
+def special_prefix(tokenizer) -> str:
+    """:func:`special_prefix_ids` as text (``"<s>"``), which the tokenizer reads back as those ids."""
+    return "".join(tokenizer.convert_ids_to_tokens(special_prefix_ids(tokenizer)))

@@ -155,8 +155,6 @@ def test_convert_verb(tmp_path, capsys):
 
 
 def test_known_release_ids_convert_on_the_fly(tmp_path, monkeypatch):
-    import huggingface_hub
-
     from interleaf.convert import openflamingo
 
     _, _, lm_dir, vision_dir = build_reference(tmp_path, "gpt_neox", 1)
@@ -166,7 +164,7 @@ def test_known_release_ids_convert_on_the_fly(tmp_path, monkeypatch):
     monkeypatch.setattr(openflamingo, "VISION", str(vision_dir))
     calls = []
     monkeypatch.setattr(
-        huggingface_hub, "hf_hub_download", lambda r, f: calls.append((r, f)) or str(tmp_path / "checkpoint.pt")
+        openflamingo, "hf_hub_download", lambda r, f: calls.append((r, f)) or str(tmp_path / "checkpoint.pt")
     )
     model = Flamingo.from_pretrained(repo)
     Processor.from_pretrained(repo)

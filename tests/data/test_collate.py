@@ -141,3 +141,38 @@ def test_bad_images_are_skipped_and_counted(processor):
     assert counter.skipped == {"corrupt_image": 1}
     with pytest.raises(DataError, match="no document of this batch"):
         Collator(processor)([broken])
+
+
+def no_bos(tokenizer):
+    """The tokenizer, made to add no BOS of its own (as GPT-2's or Qwen's)."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert tokenizer("a")["input_ids"] == tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer
+
+
+@pytest.mark.parametrize("template", [None, CHAT_TEMPLATE])
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_training_and_inference_render_a_conversation_alike(tmp_path, template, adds_bos):
+    """The collated conversation starts with exactly the ids the processor gives the same
+    conversation up to the assistant's turn: one renderer, one BOS rule."""
+    tokenizer = build_tokenizer(chat_template=template)
+    proc = Processor(
+        tokenizer if adds_bos else no_bos(tokenizer),
+        AutoImageProcessor.from_pretrained(build_vision(tmp_path / "v", "clip")),
+    )
+    question = [Segment(image=ImageRef(data=png()), role="user"), Segment(text="What colour is it?", role="user")]
+    doc = Document(id="chat", segments=[*question, Segment(text="Red.", role="assistant")])
+    collated = Collator(proc)([doc])["input_ids"][0].tolist()
+    prompt = proc([{"role": "user", "content": [png_image((220, 30, 30)), "What colour is it?"]}])
+    prompt = prompt["input_ids"][0].tolist()
+    assert collated[: len(prompt)] == prompt
+    assert (prompt[0] == tokenizer.bos_token_id) == adds_bos
+    answer = proc.tokenizer.decode(collated[len(prompt) :], skip_special_tokens=True)
+    assert answer.strip().startswith("Red.")
+
+    interleaved_doc = Document(id="doc", segments=[Segment(image=ImageRef(data=png())), Segment(text="Output:")])
+    collated = Collator(proc)([interleaved_doc])["input_ids"][0].tolist()
+    prompt = proc([png_image((220, 30, 30)), "Output:"])["input_ids"][0].tolist()
+    assert collated[: len(prompt)] == prompt

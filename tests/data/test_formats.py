@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from interleaf.data import schema
+from interleaf import images
 from interleaf.data.formats import (
     READERS,
     read,
@@ -159,7 +159,7 @@ def test_images_are_not_decoded_unless_asked(tmp_path):
 
 
 def test_small_limit_on_pixels_counts_as_huge(tmp_path, monkeypatch):
-    monkeypatch.setattr(schema, "MAX_IMAGE_PIXELS", 10)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10)
     (tmp_path / "a.png").write_bytes(GOOD)
     write_jsonl(tmp_path / "docs.jsonl", [{"text_list": ["A."], "image_info": [mmc4_image("a.png", 0, 0.3)]}])
     counter = SkipCounter()

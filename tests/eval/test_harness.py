@@ -159,7 +159,7 @@ def test_report_table_and_plot(model_and_processor, world, tmp_path):
     )
     reports = load([tmp_path / "r.json"])
     text = table(reports)
-    assert "| tiny | tinyworld_classification | accuracy |" in text and "2-shot" in text
+    assert "| tiny (random demos) | tinyworld_classification | accuracy |" in text and "2-shot" in text
     png = plot(reports, tmp_path / "plot.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="not an interleaf evaluation result"):

@@ -23,6 +23,7 @@ from interleaf.eval.metrics import (
     vqa_corpus_accuracy,
 )
 from interleaf.eval.metrics.vqa import process_punctuation, stem_tagged_words
+from interleaf.extras import MissingExtra
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "coco_captions.json").read_text(encoding="utf-8"))
 PREDICTIONS = {item["image_id"]: item["prediction"] for item in FIXTURE}
@@ -89,7 +90,7 @@ def test_python_tokenizer_equals_java(java_tokens):
 
 def test_java_tokenizer_required_but_missing(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(RuntimeError, match="java"):
+    with pytest.raises(MissingExtra, match=r"java.*pip install 'interleaf\[eval\]'"):
         ptb_tokenize(["a dog"], tokenizer="java")
     assert ptb_tokenize(["A dog."], tokenizer="auto") == ["a dog"]
     with pytest.raises(ValueError, match="tokenizer"):

@@ -140,7 +140,7 @@ def test_vision_variants(make_model, backbones):
 def test_idefics_vision_tower_layout(backbones):
     from transformers.models.idefics.vision import IdeficsVisionConfig, IdeficsVisionTransformer
 
-    from interleaf.checkpoint import load_lm_and_tokenizer
+    from interleaf.model.checkpoint import load_lm_and_tokenizer
 
     tower = IdeficsVisionTransformer(
         IdeficsVisionConfig(

@@ -70,6 +70,7 @@ def test_fresh_adapters_leave_the_model_unchanged_and_compute_w_plus_scaled_ba(m
     assert layers and all(".xattn." not in n for n in layers)
     assert all(not m.lora_B["default"].weight.any() and m.lora_A["default"].weight.any() for m in layers.values())
     before = logits(model)
+    # bit-identical: the same batch and base layers, and with B = 0 the adapters add exact zeros
     assert torch.equal(before, logits(plain))
 
     # With random B the layer computes W x + (alpha / rank) B A x: fold B A into the plain

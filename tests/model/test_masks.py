@@ -51,3 +51,13 @@ def test_flamingo_labels_mask_what_is_not_learned():
     labels = flamingo_labels(ids, attn, image_token_id=IMG, end_of_chunk_id=EOC)
     x = IGNORE_INDEX
     assert labels.tolist() == [[x, x, x, 6, 7, EOC, x, x, x, 1]]
+
+
+def test_padding_that_shares_the_eos_id_ends_no_document():
+    # right padding with pad == EOS, then a generated token: it still sees the prompt's image
+    ids = torch.tensor([[IMG, 5, 6, 7], [IMG, 5, EOS, 7]])
+    attention = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]])
+    mask = cross_attention_mask(ids, IMG, 1, mode="last", eos_token_id=EOS, attention_mask=attention)
+    assert mask[:, -1, 0].tolist() == [True, True]
+    real_eos = cross_attention_mask(ids, IMG, 1, mode="last", eos_token_id=EOS)
+    assert real_eos[1, -1, 0].item() is False  # without the mask, the same id is a real EOS

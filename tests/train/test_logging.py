@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from interleaf.data import tinyworld
 from interleaf.data.collate import CollateConfig
 from interleaf.data.shards import write_shards
+from interleaf.extras import MissingExtra
 from interleaf.train.config import DataConfig, EvalTaskConfig, OptimConfig, Recipe, SourceConfig, TrainConfig
 from interleaf.train.loop import train
 
@@ -67,7 +68,7 @@ def test_tensorboard_and_in_loop_evaluation(backbones, make_model, world, tmp_pa
 
 def test_wandb_asked_for_but_missing_is_one_line(backbones, world, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(MissingExtra) as info:
         train(recipe(backbones, world, tmp_path / "run", steps=1, wandb=True))
     message = str(info.value)
     assert "\n" not in message and "train.wandb" in message and "pip install wandb" in message

@@ -14,6 +14,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from interleaf.config import FlamingoConfig
+from interleaf.model.checkpoint import save_flamingo
+from interleaf.model.flamingo import Flamingo
+from interleaf.processing import Processor
 
 
 def read_state_dict(src: Path) -> dict[str, torch.Tensor]:
@@ -64,14 +67,10 @@ def write_checkpoint(
     The model is built on the meta device (no memory) only to check that ``state`` names and
     shapes exactly its parameters; any missing, unexpected or misshapen tensor is an error.
     """
-    from interleaf.checkpoint import save_flamingo
-    from interleaf.model.flamingo import Flamingo
-    from interleaf.processing import Processor
-
     dst = Path(dst)
     with init_empty_weights():
         lm = transformers.AutoModelForCausalLM.from_config(lm_config)
         model = Flamingo(config, lm=lm, vision_tower=vision_tower(), tokenizer=tokenizer)
-    save_flamingo(model, dst, state=state)
     Processor(tokenizer, image_processor, tokens=model.config.tokens, padding_side=padding_side).save_pretrained(dst)
+    save_flamingo(model, dst, state=state)
     return dst

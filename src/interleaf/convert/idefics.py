@@ -27,6 +27,7 @@ from interleaf.config import (
     VisionConfig,
 )
 from interleaf.convert.common import read_state_dict, write_checkpoint
+from interleaf.model.vision import tower_from_config
 
 FAKE = "<fake_token_around_image>"
 IMAGE = "<image>"
@@ -184,8 +185,6 @@ def rename(key: str, interval: int) -> str | None:
 def convert(src: str | Path, dst: str | Path) -> Path:
     """Convert a directory written by ``IdeficsForVisionText2Text.save_pretrained`` (plus its
     tokenizer and image-processor files) into an interleaf checkpoint at ``dst``."""
-    from interleaf.model.vision import tower_from_config
-
     src = Path(src)
     cfg = _read_config(src)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)

@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import hf_hub_download
 
 from interleaf.config import (
     CrossAttentionConfig,
@@ -29,6 +31,12 @@ from interleaf.config import (
     TokensConfig,
     VisionConfig,
 )
+from interleaf.hub import cache_root
+from interleaf.model.checkpoint import load_lm_and_tokenizer
+from interleaf.model.flamingo import Flamingo
+from interleaf.model.lm import find_decoder_layers
+from interleaf.model.vision import load_tower
+from interleaf.tokens import add_special_tokens
 
 DIM_HEAD = 64  # OpenFlamingo fixes the head size of its Perceiver and cross-attention
 VISION = "openai/clip-vit-large-patch14"
@@ -181,13 +189,6 @@ def convert(
 ) -> Path:
     """Write an interleaf checkpoint for an OpenFlamingo ``checkpoint.pt`` over ``lm``
     (hub id or directory of the HF causal LM) and ``vision`` (an HF CLIP vision tower)."""
-    from interleaf.checkpoint import load_lm_and_tokenizer
-    from interleaf.model.flamingo import Flamingo
-    from interleaf.model.lm import find_decoder_layers
-    from interleaf.model.vision import load_tower
-    from interleaf.processing import Processor
-    from interleaf.tokens import add_special_tokens
-
     state = read_checkpoint(Path(checkpoint))
     language_model, tokenizer = load_lm_and_tokenizer(lm)
     path, layers = find_decoder_layers(language_model, layers_path)
@@ -199,7 +200,10 @@ def convert(
     base_rows = language_model.get_input_embeddings().num_embeddings
     add_special_tokens(tokenizer, OF_TOKENS)  # OpenFlamingo's ids: <|endofchunk|>, then <image>, then <PAD>
     config = flamingo_config(state, lm=lm, vision=vision, interval=interval, layers_path=path)
-    model = Flamingo(config, lm=language_model, vision_tower=load_tower(vision), tokenizer=tokenizer)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(vision)
+    model = Flamingo(
+        config, lm=language_model, vision_tower=load_tower(vision), tokenizer=tokenizer, image_processor=image_processor
+    )
     mapped, _ = map_state(state, model)
     output = model.language_model.lm.get_output_embeddings().weight
     with torch.no_grad():  # untrained new output rows (not in the release): the mean row, not noise
@@ -213,25 +217,13 @@ def convert(
         raise ValueError(f"{checkpoint} does not fit {lm}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(mapped, strict=False)
     model.save_pretrained(dst, trainable_only=True)
-    image_processor = _image_processor(vision)
-    Processor(model.tokenizer, image_processor, tokens=model.config.tokens).save_pretrained(dst)
     return Path(dst)
-
-
-def _image_processor(vision: str):
-    import transformers
-
-    return transformers.AutoImageProcessor.from_pretrained(vision)
 
 
 def release_checkpoint(repo: str) -> Path | None:
     """For a known OpenFlamingo hub repo, its converted checkpoint (made on first use)."""
     if repo not in RELEASES:
         return None
-    from huggingface_hub import hf_hub_download
-
-    from interleaf.convert import cache_root
-
     target = cache_root() / "converted" / repo.replace("/", "--")
     if not (target / "processor_config.json").is_file():
         lm, interval = RELEASES[repo]

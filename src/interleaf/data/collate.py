@@ -1,11 +1,13 @@
 """Documents -> training batches: tokens, pixels and labels, under a token budget.
 
 Interleaved documents and pairs are written as OpenFlamingo trains on them:
-``<s><image>text<|endofchunk|><image>text<|endofchunk|></s>``; the loss covers the text that
+``<s><image>text<|endofchunk|><image>text<|endofchunk|></s>`` (``<s>``: whatever the tokenizer
+itself puts before a text, as in the processor's prompts); the loss covers the text that
 follows an image and its ``<|endofchunk|>``, never padding, image tokens, text before the first
 image or the EOS (see ``model.masks.flamingo_labels`` for the same rule as a pure function).
-Chat documents are written with the tokenizer's chat template (or the processor's plain
-format) and the loss covers the assistant turns only.
+Chat documents are written by the processor's renderer (``processing.render_chat``: the
+tokenizer's chat template, or the plain format), so a conversation is the same token ids in
+training and at inference; the loss covers the assistant turns only.
 
 Truncation keeps whole images with their text: a sequence never ends in an image whose text
 was cut away, and images beyond ``max_images`` end the document there, so ``<image>`` tokens
@@ -23,6 +25,8 @@ from PIL import Image
 
 from interleaf.data.schema import DataError, Document, SkipCounter
 from interleaf.model.masks import IGNORE_INDEX
+from interleaf.processing import render_chat
+from interleaf.tokens import special_prefix_ids
 
 IGNORE = IGNORE_INDEX
 
@@ -35,8 +39,9 @@ class CollateConfig:
     min_text_after_image: int = 2  # tokens of an image's text that must fit for the image to stay
 
     def __post_init__(self):
-        if self.max_tokens < 8 or self.max_images < 1 or self.min_text_after_image < 1:
-            raise ValueError(f"bad collate config: {self}")
+        for name, low in (("max_tokens", 8), ("max_images", 1), ("min_text_after_image", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"CollateConfig.{name} must be >= {low}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Collator:
         self.tok = tok
         self.image_ids = tok(processor.write_images(processor.tokens.image), add_special_tokens=False)["input_ids"]
         self.eoc = [processor.ids.end_of_chunk] if processor.ids.end_of_chunk is not None else []
-        self.bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        self.bos = special_prefix_ids(tok)  # what the processor's prompts start with too
         self.eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
 
     def text_ids(self, text: str) -> list[int]:
@@ -130,16 +135,7 @@ class Collator:
         return enc
 
     def _render(self, messages: list[dict], generation: bool) -> str:
-        from interleaf.processing import PLAIN_CHAT_FORMAT, PLAIN_CHAT_GENERATION_PROMPT
-
-        if self.tok.chat_template:
-            if not messages:
-                return ""
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-        text = (self.tok.bos_token or "") + "".join(
-            PLAIN_CHAT_FORMAT[m["role"]].format(text=m["content"]) for m in messages
-        )
-        return text + (PLAIN_CHAT_GENERATION_PROMPT if generation else "")
+        return render_chat(self.tok, messages, generation=generation)
 
     def _add_text(self, enc: Encoded, text: str, pictures, learn: bool) -> None:
         """Text that may hold image placeholders and special tokens (BOS), written as tokens."""

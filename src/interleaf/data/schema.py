@@ -4,9 +4,7 @@ conversations are documents whose segments carry the speaker's role."""
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +12,9 @@ from typing import Any
 
 from PIL import Image
 
+from interleaf.images import ImageError, load_image
+
 ROLES = ("system", "user", "assistant")
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are skipped, not decoded
 
 
 class DataError(ValueError):
@@ -52,7 +51,7 @@ class ImageRef:
         else:
             raw = self.data
         if not raw:
-            raise DataError("empty_image", "zero-byte image")
+            raise DataError("empty_image", "cannot read image bytes: zero-byte image")
         return raw
 
     def load(self) -> Image.Image:
@@ -62,34 +61,12 @@ class ImageRef:
 
 
 def decode_image(raw: bytes) -> Image.Image:
-    """Encoded bytes -> RGB image, with the reasons of :meth:`ImageRef.load`."""
-    if not raw:
-        raise DataError("empty_image", "zero-byte image")
+    """Encoded bytes -> RGB image through :func:`interleaf.images.load_image` (the processor's
+    decoder too); its errors become :class:`DataError`s with the same reasons."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DataError("huge_image", f"image of {image.width}x{image.height} pixels exceeds the limit")
-            image.load()
-    except DataError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError("huge_image", f"decompression bomb: {e}") from None
-    except Exception as e:  # PIL raises many types for broken files
-        raise DataError("corrupt_image", f"cannot decode image: {type(e).__name__}: {e}") from None
-    return to_rgb(image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels composited on white (as transformers' convert_to_rgb)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
+        return load_image(raw)
+    except ImageError as e:
+        raise DataError(e.reason, str(e)) from None
 
 
 @dataclass(frozen=True)

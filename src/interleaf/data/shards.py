@@ -162,19 +162,37 @@ class ShardStream:
 
 
 def expand(spec: str | Path | list) -> list[str]:
-    """Shard paths from a directory, a glob, a brace pattern (``shard-{000000..000009}.tar``) or a list."""
+    """Shard paths from a directory, a glob, a brace pattern (``shard-{000000..000009}.tar``) or a list.
+
+    Every shard must exist: a directory without ``.tar`` files, a glob that matches nothing, or a
+    file (named, listed or expanded from braces) that does not exist is a ``ValueError`` naming it.
+    """
     if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError("no shards given (an empty list)")
         return [s for item in spec for s in expand(item)]
     spec = str(spec)
+    if not spec.strip():
+        raise ValueError("no shards given (an empty path)")
     path = Path(spec)
     if path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
-    elif any(c in spec for c in "*?["):
+        if not found:
+            raise ValueError(f"no shards found at {spec!r} (a directory without .tar files)")
+        return found
+    if any(c in spec for c in "*?["):
         found = sorted(str(p) for p in Path(path.anchor or ".").glob(str(path.relative_to(path.anchor or "."))))
-    else:
-        from braceexpand import braceexpand
+        if not found:
+            raise ValueError(f"no shards found at {spec!r} (the pattern matches no file)")
+        return found
+    from braceexpand import braceexpand
 
-        found = list(braceexpand(spec))
-    if not found:
-        raise ValueError(f"no shards found at {spec!r}")
+    found = list(braceexpand(spec))
+    missing = [f for f in found if not Path(f).is_file()]
+    if missing and len(found) == 1:
+        raise ValueError(f"no shards found at {spec!r}: no such file or directory")
+    if missing:
+        raise ValueError(
+            f"no shards found at {spec!r}: {len(missing)} of its {len(found)} files do not exist, e.g. {missing[0]!r}"
+        )
     return found

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import random
 import statistics
 from collections.abc import Sequence
@@ -21,8 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
+import interleaf
+from interleaf.eval.scoring import score_task
 from interleaf.eval.task import Example, TaskSpec
+from interleaf.generation import trim_at_stop
+from interleaf.model.masks import position_ids
 
 ZERO_SHOT_TEXT_DEMOS = 2
 
@@ -39,8 +45,13 @@ class EvalConfig:
     def __post_init__(self):
         if self.demos not in ("random", "rices"):
             raise ValueError(f"demos must be 'random' or 'rices', got {self.demos!r}")
-        if any(k < 0 for k in self.shots) or self.trials < 1 or self.batch_size < 1:
-            raise ValueError(f"bad evaluation config: {self}")
+        if not self.shots or any(k < 0 for k in self.shots):
+            raise ValueError(f"EvalConfig.shots must be one or more shot counts >= 0, got {list(self.shots)}")
+        for name in ("trials", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"EvalConfig.limit must be >= 1 (or None: all queries), got {self.limit}")
 
 
 def config_hash(spec: TaskSpec, cfg: EvalConfig, model_name: str) -> str:
@@ -90,9 +101,7 @@ def choose_demos(
 
 def answer_text(raw: str, spec: TaskSpec) -> str:
     """The answer part of a generation: cut at the first stop string, stripped."""
-    for stop in (*spec.stop_strings, "<|endofchunk|>", "\n"):
-        raw = raw.split(stop)[0]
-    return raw.strip()
+    return trim_at_stop(raw, (*spec.stop_strings, "<|endofchunk|>", "\n")).strip()
 
 
 def to_model(model, batch) -> dict:
@@ -108,7 +117,6 @@ def rank_candidates(model, processor, prompts: list[str], images: list[list], ca
     Each prompt is encoded once; its KV cache (and its images' keys/values) serve all its
     candidates, which run as one batch.
     """
-    from interleaf.model.masks import position_ids
 
     scores = []
     for prompt, imgs, cands in zip(prompts, images, candidates):
@@ -123,11 +131,11 @@ def rank_candidates(model, processor, prompts: list[str], images: list[list], ca
         )
         first = model.language_model.logits(out.last_hidden_state[:, -1]).float().log_softmax(-1)[0]
         tokens = [processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands]
-        scores.append(_continuations(model, batch, media, out.past_key_values, first, tokens, position_ids))
+        scores.append(_continuations(model, batch, media, out.cache, first, tokens, position_ids))
     return scores
 
 
-def _continuations(model, batch, media, past, first_logprobs, tokens: list[list[int]], position_ids) -> list[float]:
+def _continuations(model, batch, media, cache, first_logprobs, tokens: list[list[int]], position_ids) -> list[float]:
     """Mean log-probability of each token sequence continuing the cached prompt."""
     n, width = len(tokens), max(len(t) for t in tokens)
     pad = model.ids.pad
@@ -136,7 +144,7 @@ def _continuations(model, batch, media, past, first_logprobs, tokens: list[list[
     valid = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], device=device)
     logprob = first_logprobs[cont[:, 0]]
     if width > 1:
-        past.batch_repeat_interleave(n)
+        cache.batch_repeat_interleave(n)
         history = torch.cat([batch["input_ids"].expand(n, -1), cont], dim=1)
         mask = torch.cat([batch["attention_mask"].expand(n, -1), valid], dim=1)
         step_media = media.select(torch.zeros(n, dtype=torch.long, device=device)) if media is not None else None
@@ -145,7 +153,7 @@ def _continuations(model, batch, media, past, first_logprobs, tokens: list[list[
             history_ids=history[:, :-1],
             attention_mask=mask[:, :-1],
             media=step_media,
-            past_key_values=past,
+            cache=cache,
         )
         rest = model.language_model.logits(out.last_hidden_state).float().log_softmax(-1)
         following = rest.gather(-1, cont[:, 1:, None])[..., 0] * valid[:, 1:]
@@ -170,8 +178,6 @@ def evaluate(
     the results. With ``out``, finished samples are appended to ``out + '.partial.jsonl'`` as
     they come, and a rerun after a crash skips them."""
     from tqdm import tqdm
-
-    from interleaf.eval.scoring import score_task
 
     queries = list(queries)[: cfg.limit] if cfg.limit else list(queries)
     if out is not None:
@@ -270,12 +276,6 @@ def _append_partial(out, digest: str, shots: int, trial: int, sample: dict) -> N
 
 
 def _report(spec: TaskSpec, cfg: EvalConfig, digest: str, model_name: str, results: list[dict]) -> dict:
-    import platform
-
-    import transformers
-
-    import interleaf
-
     summary = {}
     for shots in cfg.shots:
         values = [r["score"] for r in results if r["shots"] == shots]

@@ -3,25 +3,70 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 
-def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def load(paths: Sequence[str | Path], *, on_other: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The evaluation results in ``paths`` (JSON files written by the harness).
+
+    A file that cannot be read as JSON is an error naming it. A JSON file that is not an
+    evaluation result (e.g. a demo's ``stage.json`` beside the results) is an error too, unless
+    ``on_other`` is given: then it is skipped and ``on_other`` gets a note naming it.
+    """
     reports = []
     for path in paths:
         try:
-            reports.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read evaluation results: {e}") from None
-        if "summary" not in reports[-1]:
-            raise ValueError(f"{path}: not an interleaf evaluation result (no 'summary')")
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path}: cannot read evaluation results: {' '.join(str(e).split())}") from None
+        problem = _not_a_result(data)
+        if problem is None:
+            reports.append(data)
+        elif on_other is None:
+            raise ValueError(f"{path}: not an interleaf evaluation result ({problem})")
+        else:
+            on_other(f"{path}: not an interleaf evaluation result ({problem}); skipped")
     return reports
 
 
+def _not_a_result(data: Any) -> str | None:
+    """Why ``data`` is not an evaluation result the table and plot can show; None when it is one."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    if "summary" not in data:
+        return "no 'summary'"
+    if not isinstance(data["summary"], dict) or not all(
+        isinstance(s, dict) and {"mean", "std"} <= set(s) for s in data["summary"].values()
+    ):
+        return "its 'summary' is not a mapping of shots to mean and std"
+    missing = [key for key in ("task", "metric") if key not in data]
+    if missing:
+        return f"no {missing[0]!r}"
+    return None
+
+
+def demos(report: dict[str, Any]) -> str | None:
+    """How the demonstrations of a result were chosen (``random`` or ``rices``), as it records."""
+    config = report.get("config")
+    evaluation = config.get("eval") if isinstance(config, dict) else None
+    value = evaluation.get("demos") if isinstance(evaluation, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def label(report: dict[str, Any]) -> str:
+    """The model of a result and how its demonstrations were chosen: ``<model> (rices demos)``."""
+    model = report.get("model") or "-"
+    chosen = demos(report)
+    if chosen is None or f"{chosen} demos" in model:
+        return model
+    return f"{model} ({chosen} demos)"
+
+
 def table(reports: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table: one row per (model, task), one column per shot count, mean ± std."""
+    """A Markdown table: one row per (model and demonstrations, task), one column per shot count,
+    mean ± std."""
     shots = sorted({int(k) for r in reports for k in r["summary"]})
     lines = [
         "| model | task | metric | " + " | ".join(f"{k}-shot" for k in shots) + " |",
@@ -32,7 +77,7 @@ def table(reports: Sequence[dict[str, Any]]) -> str:
         for k in shots:
             s = r["summary"].get(str(k))
             cells.append("" if s is None else _pct(s["mean"]) + (f" ± {_pct(s['std'])}" if s["std"] else ""))
-        lines.append(f"| {r.get('model') or '-'} | {r['task']} | {r['metric']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(r)} | {r['task']} | {r['metric']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -42,7 +87,7 @@ def _pct(value: float) -> str:
 
 
 def plot(reports: Sequence[dict[str, Any]], out: str | Path) -> Path:
-    """Score against shots, one line per (model, task), error bars over trials."""
+    """Score against shots, one line per (model and demonstrations, task), error bars over trials."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,8 +98,9 @@ def plot(reports: Sequence[dict[str, Any]], out: str | Path) -> Path:
         shots = sorted(int(k) for k in r["summary"])
         means = [100 * r["summary"][str(k)]["mean"] for k in shots]
         stds = [100 * r["summary"][str(k)]["std"] for k in shots]
-        label = f"{r['task']} ({r['metric']})" + (f" - {r['model']}" if r.get("model") else "")
-        ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label)
+        name = label(r)
+        line = f"{r['task']} ({r['metric']})" + (f" - {name}" if name != "-" else "")
+        ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=line)
     ax.set_xlabel("shots (in-context examples)")
     ax.set_ylabel("score (x100)")
     ax.set_xticks(sorted({int(k) for r in reports for k in r["summary"]}))

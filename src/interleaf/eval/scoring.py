@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from interleaf.eval.metrics import cider, okvqa_stem, roc_auc, vqa_accuracy
 from interleaf.eval.task import Example, TaskSpec
 
 
@@ -13,12 +14,8 @@ def score_task(spec: TaskSpec, queries: Sequence[Example], samples: Sequence[dic
     stemmed first, as OpenFlamingo does), top-1 accuracy, or ROC AUC."""
     answers = [s["answer"] for s in samples]
     if spec.metric == "cider":
-        from interleaf.eval.metrics import cider
-
         return cider({q.id: a for q, a in zip(queries, answers)}, {q.id: list(q.answers) for q in queries})
     if spec.metric in ("vqa", "okvqa"):
-        from interleaf.eval.metrics import okvqa_stem, vqa_accuracy
-
         if spec.metric == "okvqa":  # OpenFlamingo stems OK-VQA predictions before scoring
             answers = [okvqa_stem(a) for a in answers]
         per_item = [vqa_accuracy(a, list(q.answers), convention="vqa") for q, a in zip(queries, answers)]
@@ -26,8 +23,6 @@ def score_task(spec: TaskSpec, queries: Sequence[Example], samples: Sequence[dic
     if spec.metric == "accuracy":
         return sum(a == q.answers[0] for q, a in zip(queries, answers)) / len(queries)
     if spec.metric == "roc_auc":
-        from interleaf.eval.metrics import roc_auc
-
         positive = spec.fixed_candidates[-1]
         return roc_auc([_probability(s["scores"], positive) for s in samples], [q.label for q in queries])
     raise ValueError(f"unknown metric {spec.metric!r}")

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from interleaf.config import FlamingoConfig
+from interleaf.generation import generate
+from interleaf.model.checkpoint import load_backbones, load_flamingo, save_flamingo
 from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext
 from interleaf.model.masks import IGNORE_INDEX, cross_attention_mask, position_ids
 from interleaf.model.resampler import build_resampler
 from interleaf.model.trainable import apply_lora, apply_trainable
-from interleaf.model.vision import VisionEncoder, load_tower
+from interleaf.model.vision import VisionEncoder
 from interleaf.model.xattn import GatedCrossAttentionBlock, MediaKV
 from interleaf.tokens import prepare_tokenizer, token_ids
 
@@ -40,7 +42,11 @@ class Media:
 
 
 class Flamingo(nn.Module):
-    def __init__(self, config: FlamingoConfig, *, lm: nn.Module, vision_tower: nn.Module, tokenizer):
+    def __init__(
+        self, config: FlamingoConfig, *, lm: nn.Module, vision_tower: nn.Module, tokenizer, image_processor=None
+    ):
+        """The parts: an HF causal LM, a vision tower, the LM's tokenizer (special tokens are added
+        to it) and the tower's HF image processor (saved with the model as its processor)."""
         super().__init__()
         added = prepare_tokenizer(tokenizer, config.tokens)
         config = dataclasses.replace(
@@ -48,6 +54,7 @@ class Flamingo(nn.Module):
         )
         self.config = config
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
         self.ids = token_ids(tokenizer, config.tokens)
 
         self.vision = VisionEncoder(vision_tower, config.vision)
@@ -75,20 +82,17 @@ class Flamingo(nn.Module):
     def from_config(cls, config: FlamingoConfig, *, dtype: torch.dtype | None = None) -> Flamingo:
         """Build from pretrained backbones named by ``config.lm.source`` / ``config.vision.source``,
         all of it in ``dtype`` if given. Like ``from_pretrained``, returns the model in eval mode."""
-        lm, tokenizer, tower = load_backbones(config)
-        model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer)
+        lm, tokenizer, tower, image_processor = load_backbones(config)
+        model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer, image_processor=image_processor)
         return (model if dtype is None else model.to(dtype)).eval()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> Flamingo:
         """Load an interleaf checkpoint from a directory or hub id, in eval mode."""
-        from interleaf.checkpoint import load_flamingo
-
-        return load_flamingo(path, **kwargs)
+        return load_flamingo(cls, path, **kwargs)
 
     def save_pretrained(self, path: str | Path, *, trainable_only: bool = False) -> None:
-        from interleaf.checkpoint import save_flamingo
-
+        """Write the checkpoint and the model's processor (see :mod:`interleaf.model.checkpoint`)."""
         save_flamingo(self, path, trainable_only=trainable_only)
 
     @property
@@ -145,8 +149,11 @@ class Flamingo(nn.Module):
             return None
         return Media([block.project_media(latents) for block in self.blocks], latents.shape[1])
 
-    def visible_media(self, history_ids: Tensor, media: Media | None, new_tokens: int) -> Tensor | None:
-        """(B, new_tokens, N) which images the last ``new_tokens`` tokens may see."""
+    def visible_media(
+        self, history_ids: Tensor, attention_mask: Tensor, media: Media | None, new_tokens: int
+    ) -> Tensor | None:
+        """(B, new_tokens, N) which images the last ``new_tokens`` tokens may see (padding in
+        ``attention_mask`` is not an EOS)."""
         if media is None:
             return None
         xcfg = self.config.cross_attention
@@ -156,6 +163,7 @@ class Flamingo(nn.Module):
             media.count,
             mode=xcfg.media_attention,
             eos_token_id=self.ids.eos if xcfg.reset_at_eos else None,
+            attention_mask=attention_mask,
         )
         return mask[:, -new_tokens:]
 
@@ -185,23 +193,23 @@ class Flamingo(nn.Module):
         history_ids: Tensor,
         attention_mask: Tensor,
         media: Media | None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool = False,
     ):
         """Run the LM on ``input_ids`` (the last tokens of ``history_ids``), with the LM's
-        KV cache ``past_key_values`` holding the earlier ones. ``attention_mask`` covers the
-        whole history. Returns the LM's output (``last_hidden_state``, ``past_key_values``)."""
+        KV cache ``cache`` holding the earlier ones. ``attention_mask`` covers the
+        whole history. Returns the LM's output (``last_hidden_state``, ``cache``)."""
         new = input_ids.shape[1]
         context = MediaContext(
             kv=media.kv if media is not None else None,
-            visible=self.visible_media(history_ids, media, new),
+            visible=self.visible_media(history_ids, attention_mask, media, new),
         )
         return self.language_model(
             input_ids,
             media=context,
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask)[:, -new:],
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
         )
 
@@ -212,41 +220,10 @@ class Flamingo(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values=None, **kwargs) -> Tensor:
         """Generated token ids (B, T_new), prompt excluded; see ``interleaf.generation.generate``."""
-        from interleaf.generation import generate
-
         return generate(self, input_ids, attention_mask, pixel_values, **kwargs)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def load_backbones(config: FlamingoConfig) -> tuple[nn.Module, object, nn.Module]:
-    """The LM, its tokenizer and the vision tower named by ``config``; a source that cannot
-    be loaded is a one-line ``ValueError`` naming the field, the source and the reason. Both
-    sources' configs are read before any weights, so a wrong id fails fast."""
-    import transformers
-
-    from interleaf.checkpoint import load_lm_and_tokenizer
-
-    def load(field: str, what: str, fn):
-        source = getattr(config, field).source
-        if not source:
-            raise ValueError(f"{field}.source is empty: name the {what} (a hub id or a local directory)")
-        try:
-            return fn(source)
-        except (OSError, ValueError) as e:
-            reason = e.__context__ or e  # the loader's own error, without its wrapping
-            raise ValueError(f"{field}.source {source!r}: cannot load the {what}: {one_line(reason)}") from None
-
-    load("lm", "language model", transformers.AutoConfig.from_pretrained)
-    load("vision", "vision encoder", transformers.AutoConfig.from_pretrained)
-    lm, tokenizer = load("lm", "language model", load_lm_and_tokenizer)
-    return lm, tokenizer, load("vision", "vision encoder", load_tower)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message with its line breaks and runs of spaces collapsed."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def next_token_loss(logits: Tensor, labels: Tensor, z_loss_weight: float = 0.0) -> Tensor:

@@ -165,14 +165,15 @@ class LanguageModel(nn.Module):
         media: MediaContext,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool = False,
     ):
-        """Returns the base model's output (``last_hidden_state``, ``past_key_values``)."""
+        """Returns the base model's output (``last_hidden_state``, ``cache``). ``cache`` is the
+        LM's KV cache (transformers' ``Cache``), passed by the name transformers >= 5.24 uses."""
         kwargs = dict(
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
         )
         if self._takes_position_ids and position_ids is not None:

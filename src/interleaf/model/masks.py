@@ -19,16 +19,23 @@ def media_index(input_ids: Tensor, image_token_id: int) -> Tensor:
     return (input_ids == image_token_id).long().cumsum(-1)
 
 
-def media_floor(input_ids: Tensor, image_token_id: int, eos_token_id: int | None) -> Tensor:
+def media_floor(
+    input_ids: Tensor, image_token_id: int, eos_token_id: int | None, attention_mask: Tensor | None = None
+) -> Tensor:
     """(B, T) the media index in force at the last EOS strictly before each position.
 
     Images numbered at or below the floor belong to an earlier packed document and are not
-    seen. The EOS token itself still sees its document's image (as IDEFICS does).
+    seen. The EOS token itself still sees its document's image (as IDEFICS does). Padding
+    (``attention_mask == 0``) is never an EOS, even where the pad id is the EOS id: right
+    padding must not hide the prompt's images from the tokens generated after it.
     """
     if eos_token_id is None:
         return torch.zeros_like(input_ids)
     idx = media_index(input_ids, image_token_id)
-    at_eos = torch.where(input_ids == eos_token_id, idx, torch.zeros_like(idx)).cummax(-1).values
+    is_eos = input_ids == eos_token_id
+    if attention_mask is not None:
+        is_eos &= attention_mask.bool()
+    at_eos = torch.where(is_eos, idx, torch.zeros_like(idx)).cummax(-1).values
     return torch.nn.functional.pad(at_eos[:, :-1], (1, 0))
 
 
@@ -39,16 +46,18 @@ def cross_attention_mask(
     *,
     mode: Literal["last", "all"] = "last",
     eos_token_id: int | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """(B, T, num_media) bool: may token t attend to image j (0-based)?
 
     ``mode="last"``: only the most recent preceding image; ``"all"``: every earlier image.
-    With ``eos_token_id`` an EOS ends the reach of earlier images (packed documents).
+    With ``eos_token_id`` an EOS ends the reach of earlier images (packed documents); an EOS id
+    where ``attention_mask`` is 0 is padding and ends nothing.
     Rows with no True entry belong to tokens that see no image; their cross-attention output
     must be exactly zero.
     """
     idx = media_index(input_ids, image_token_id)  # (B, T)
-    lower = media_floor(input_ids, image_token_id, eos_token_id)
+    lower = media_floor(input_ids, image_token_id, eos_token_id, attention_mask)
     if mode == "last":
         lower = torch.maximum(lower, idx - 1)
     elif mode != "all":

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 
-import peft
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from interleaf.config import LoraConfig, TrainableConfig
+from interleaf.extras import optional_import
+from interleaf.model.lm import CrossAttentionDecoderLayer, find_decoder_layers
 
 GROUPS = ("resampler", "cross_attention", "new_token_embeddings", "lm", "lora", "vision")
 LM_PREFIX = "language_model.lm."
@@ -105,6 +106,14 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     return report
 
 
+def format_parameter_report(model: nn.Module) -> str:
+    """The trainable parameter counts as a small table: the total, then one line per group."""
+    report, total = parameter_report(model), sum(p.numel() for p in model.parameters())
+    lines = [f"trainable parameters: {report['total']:,} of {total:,} ({100 * report['total'] / max(total, 1):.2f}%)"]
+    lines += [f"  {group:<22}{count:>16,}" for group, count in report.items() if group != "total"]
+    return "\n".join(lines)
+
+
 # -- LoRA ----------------------------------------------------------------------------------
 
 
@@ -119,8 +128,6 @@ def lora_targets(language_model: nn.Module, cfg: LoraConfig) -> list[str]:
     cross-attention blocks; by default, every linear layer of each decoder layer's
     self-attention submodule (the child whose name holds ``attn`` or ``attention``).
     """
-    from interleaf.model.lm import CrossAttentionDecoderLayer, find_decoder_layers
-
     lm = language_model.lm
     linears = [n for n, m in lm.named_modules() if _is_linear(m) and ".xattn." not in f".{n}."]
     if cfg.target_modules:
@@ -152,6 +159,7 @@ def apply_lora(language_model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Inject LoRA adapters (``peft``, adapter ``default``, bias untouched) into the LM's
     target linear layers in place; the wrapper layers around them stay as they are. Returns
     the targeted module names."""
+    peft = optional_import("peft", "trainable.lora (LoRA adapters)", "train")
     targets = lora_targets(language_model, cfg)
     modules = dict(language_model.lm.named_modules())
     config = peft.LoraConfig(

@@ -115,7 +115,7 @@ def pretrain_lm(
 
 
 def _lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, labels=batch).loss
+    return model(input_ids=batch, labels=batch, use_cache=False).loss  # no KV cache while training
 
 
 def _optimise(model: nn.Module, loss_fn, steps: int, lr: float, warmup: int, *, desc: str, progress: bool):

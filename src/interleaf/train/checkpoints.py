@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from interleaf.model.trainable import parameter_groups
+
 WEIGHTS = "trainable.safetensors"
+EXPORT_WEIGHTS = "model.safetensors"  # interleaf.checkpoint.WEIGHTS: what save_pretrained writes
 STATE = "state.pt"
 PATTERN = re.compile(r"checkpoint-(\d+)")
 READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError)
@@ -120,28 +123,63 @@ def latest(out_dir: Path) -> Checkpoint | None:
     return None
 
 
-def init_weights(model: nn.Module, directory: str | Path) -> list[str]:
-    """Start a stage from an earlier stage's export (``train.init_from``, a ``save_pretrained``
-    directory): copy every weight the file holds into the parameter of the same name (a LoRA
-    layer's ``base_layer`` takes the plain layer's weight); the resampler and the cross-attention
-    must all be there, shapes must agree; LoRA adapters the file lacks stay as initialised.
-    Returns the names of the parameters that were copied."""
-    from interleaf.model.trainable import parameter_groups
+def init_source(directory: str | Path) -> Path:
+    """The weights file ``train.init_from`` names: an export's ``model.safetensors`` (a
+    ``save_pretrained`` directory such as ``out_dir/final``) or a training checkpoint's
+    ``trainable.safetensors``; a ``ValueError`` naming the option and the path otherwise."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"train.init_from: {directory} is not a directory (an earlier stage's out_dir/final)")
+    for name in (EXPORT_WEIGHTS, WEIGHTS):
+        if (root / name).is_file():
+            return root / name
+    raise ValueError(
+        f"train.init_from: {directory} holds neither {EXPORT_WEIGHTS} (an export, e.g. out_dir/final) "
+        f"nor {WEIGHTS} (a training checkpoint)"
+    )
 
-    file = Path(directory) / "model.safetensors"
+
+def check_init_source(directory: str | Path) -> None:
+    """Fail before anything is built if ``train.init_from`` names no readable weights."""
+    file = init_source(directory)
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"train.init_from: cannot read {file}: {e}") from None
+
+
+def init_weights(model: nn.Module, directory: str | Path) -> list[str]:
+    """Start a stage from an earlier stage's weights (``train.init_from``: an export or a training
+    checkpoint, see :func:`init_source`): copy every weight the file holds into the parameter of
+    the same name (a LoRA layer's ``base_layer`` takes the plain layer's weight). The resampler and
+    the cross-attention must all be there, every tensor must fit a parameter by name and shape;
+    LoRA adapters the file lacks stay as initialised. Returns the names of the parameters that
+    were copied."""
+    file = init_source(directory)
     try:
         weights = load_file(file)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"train.init_from: {directory}: cannot read model.safetensors ({e})") from None
+        raise ValueError(f"train.init_from: cannot read {file}: {e}") from None
     groups = parameter_groups(model)
+    params = dict(model.named_parameters())
+    by_key = {name if name in weights else name.replace(".base_layer.", "."): name for name in params}
+    buffers = {name for name, _ in model.named_buffers()}
+    unused = sorted(k for k in weights if k not in by_key and k not in buffers)
+    if unused:
+        more = f" (+{len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise ValueError(
+            f"train.init_from: {file} holds {len(unused)} tensor(s) this model does not have: "
+            f"{', '.join(unused[:3])}{more}; not a stage of this model"
+        )
     copied = []
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            key = name if name in weights else name.replace(".base_layer.", ".")
+        for key, name in by_key.items():
             if key not in weights:
                 if groups[name] in ("resampler", "cross_attention"):
-                    raise ValueError(f"train.init_from: {file} has no weight {name!r}: not an export of this model")
+                    raise ValueError(f"train.init_from: {file} has no weight {name!r}: not a stage of this model")
                 continue
+            param = params[name]
             if weights[key].shape != param.shape:
                 raise ValueError(
                     f"train.init_from: {file}: {key!r} has shape {tuple(weights[key].shape)}, "

@@ -8,6 +8,7 @@ that names the offending key.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,13 @@ def _parse(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
+def _check(cfg: Any, name: str, ok, rule: str) -> None:
+    """``cfg.<name>`` must be a finite number for which ``ok`` holds; the error names the field."""
+    value = getattr(cfg, name)
+    if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+        raise ValueError(f"{type(cfg).__name__}.{name} must be {rule}, got {value}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """AdamW with weight decay only on matrices, warmup, then a decay to ``min_lr_ratio * lr``."""
@@ -48,11 +56,14 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
 
     def __post_init__(self):
-        _validate(self, ("accumulation",), ("warmup_steps", "weight_decay", "grad_clip", "eps"))
-        if len(self.betas) != 2:
-            raise ValueError(f"OptimConfig.betas must hold two numbers, got {list(self.betas)}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _validate(self, ("accumulation",), ("warmup_steps",))
+        _check(self, "lr", lambda v: v > 0, "> 0")
+        _check(self, "eps", lambda v: v > 0, "> 0")
+        _check(self, "weight_decay", lambda v: v >= 0, ">= 0")
+        _check(self, "grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)")
+        _check(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +72,9 @@ class SourceConfig:
 
     shards: str | tuple[str, ...] = ""
     weight: float = 1.0
+
+    def __post_init__(self):
+        _check(self, "weight", lambda v: v > 0, "> 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +142,8 @@ class TrainConfig:
     eval_tasks: tuple[EvalTaskConfig, ...] = ()
 
     def __post_init__(self):
-        _validate(self, ("steps", "log_every", "checkpoint_every", "keep_last"), ("z_loss_weight", "eval_every"))
+        _validate(self, ("steps", "log_every", "checkpoint_every", "keep_last"), ("eval_every",))
+        _check(self, "z_loss_weight", lambda v: v >= 0, ">= 0")
         if self.eval_every and not self.eval_tasks:
             raise ValueError("TrainConfig.eval_every is set but eval_tasks is empty")
 
@@ -183,5 +198,3 @@ def check_data(data: DataConfig, where: str = "recipe") -> None:
             expand(source.shards)
         except ValueError as e:
             raise ValueError(f"{where}: data.sources.{name}.shards: {e}") from None
-        if source.weight <= 0:
-            raise ValueError(f"{where}: data.sources.{name}.weight must be > 0, got {source.weight}")

@@ -38,11 +38,17 @@ from tqdm.auto import tqdm
 from interleaf.data.collate import Collator
 from interleaf.data.shards import ShardStream, expand
 from interleaf.data.stream import BatchStream, Loader, Mixture
+from interleaf.eval.harness import EvalConfig, evaluate
+from interleaf.eval.tasks import load_task
+from interleaf.extras import MissingExtra, require
+from interleaf.model.checkpoint import save_flamingo, unique_state_dict
 from interleaf.model.flamingo import Flamingo
 from interleaf.model.masks import IGNORE_INDEX
+from interleaf.model.trainable import format_parameter_report
 from interleaf.processing import Processor
 from interleaf.train import checkpoints, parallel
-from interleaf.train.config import DataConfig, EvalTaskConfig, Recipe, TrainConfig
+from interleaf.train.config import DataConfig, EvalTaskConfig, Recipe
+from interleaf.train.features import FeatureCache, feature_cache
 from interleaf.train.optim import build_optimizer, build_schedule
 
 METRICS = "metrics.jsonl"
@@ -150,14 +156,6 @@ class Loggers:
                 project=cfg.wandb_project, dir=cfg.out_dir, config=dataclasses.asdict(recipe), resume="allow"
             )
 
-    @staticmethod
-    def check(cfg: TrainConfig) -> None:
-        """One clear line, before anything runs, for a logger asked for but not installed."""
-        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise RuntimeError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
-        if cfg.wandb and importlib.util.find_spec("wandb") is None:
-            raise RuntimeError("train.wandb=true needs the wandb package (pip install wandb), or set train.wandb=false")
-
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
@@ -255,6 +253,17 @@ class Run:
             )
 
 
+def check_requirements(recipe: Recipe) -> None:
+    """One clear line, before anything runs, for an optional package the recipe needs but that
+    is not installed."""
+    if recipe.model.trainable.lora is not None:
+        require("peft", "trainable.lora (LoRA adapters)", "train")
+    if recipe.train.tensorboard:
+        require("tensorboard", "train.tensorboard=true", "train")
+    if recipe.train.wandb and importlib.util.find_spec("wandb") is None:
+        raise MissingExtra("train.wandb=true needs the wandb package: pip install wandb (or set train.wandb=false)")
+
+
 def train(
     recipe: Recipe,
     *,
@@ -265,7 +274,9 @@ def train(
     """Train to ``recipe.train.steps`` optimiser steps; return the step reached, this call's
     per-step losses (global means), whether a signal stopped it, and the last checkpoint and
     export paths. Runs alone or as one rank of ``torchrun`` / ``accelerate launch``."""
-    Loggers.check(recipe.train)
+    check_requirements(recipe)
+    if recipe.train.init_from:
+        checkpoints.check_init_source(recipe.train.init_from)
     d = parallel.setup(recipe.train)
     try:
         return _train(recipe, d, model, processor, loader)
@@ -279,18 +290,22 @@ def _train(recipe: Recipe, d: parallel.Dist, model, processor, loader) -> dict[s
     if d.kind == "deepspeed" and cfg.eval_every:
         raise ValueError("train.eval_every: in-loop evaluation is not supported with train.parallel=deepspeed")
     tasks = [load_eval_task(t) for t in cfg.eval_tasks] if cfg.eval_every else []
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if model is None:
         model = Flamingo.from_config(recipe.model)
-        if cfg.init_from:
-            checkpoints.init_weights(model, cfg.init_from)
+    if cfg.init_from:  # whoever built the model: the CLI, the demo and the Python API share this path
+        copied = checkpoints.init_weights(model, cfg.init_from)
+        if d.main:
+            print(f"train.init_from: loaded {len(copied)} tensors from {cfg.init_from}")
+    if d.main:
+        print(format_parameter_report(model))
     if processor is None:
         processor = Processor.from_backbones(
             recipe.model.lm.source, recipe.model.vision.source, tokens=recipe.model.tokens
         )
     if loader is None:
         loader = build_loader(recipe.data, processor, rank=d.rank, world_size=d.world_size)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with _feature_cache(model, cfg.feature_cache):
         return _run(recipe, d, model, processor, loader, tasks)
 
@@ -302,8 +317,6 @@ def _feature_cache(model: Flamingo, directory: str):
     if not directory:
         yield
         return
-    from interleaf.train.features import FeatureCache, feature_cache
-
     with feature_cache(model, FeatureCache.for_model(directory, model)):
         yield
 
@@ -332,8 +345,6 @@ def _run(recipe: Recipe, d: parallel.Dist, model, processor, loader, tasks) -> d
 
 def export(run: Run, path: Path) -> Path:
     """The final model and processor (rank 0), gathered whole from the ranks under FSDP."""
-    from interleaf.checkpoint import save_flamingo, unique_state_dict
-
     state = parallel.full_state_dict(run.model, run.dist)
     if run.dist.main:
         if state is None:
@@ -399,29 +410,30 @@ def loop(run: Run, stop: StopSignal, loggers: Loggers, tasks: list | None = None
 
 
 def train_step(run: Run, batches) -> tuple[float, int]:
-    """One optimiser step over ``optim.accumulation`` micro-batches: mean loss and token count,
-    over all ranks.
+    """One optimiser step over ``optim.accumulation`` micro-batches: the step's loss (the mean
+    over its supervised tokens) and token count, over all ranks.
 
-    With several ranks each scales its summed loss by ``world / (label count of the global
-    micro-batch)``: the averaged gradients are those of the token mean over the global batch.
+    Each micro-batch's token-mean loss is weighted by its share of the supervised tokens of the
+    whole step (all micro-batches of all ranks; DDP then averages over ranks, hence the world
+    size): N accumulated micro-batches give the gradient of one batch N times the size.
     """
     ocfg, tcfg, d = run.recipe.optim, run.recipe.train, run.dist
-    accumulation = ocfg.accumulation
-    sums, tokens = [], 0
-    for micro in range(accumulation):
-        batch = {k: v.to(d.device) for k, v in next(batches).items()}
-        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
-        total = parallel.sum_all(count).clamp(min=1) if d.distributed else count.clamp(min=1)
-        with parallel.gradient_sync(run.wrapped, d, micro == accumulation - 1):
+    micro_batches = [{k: v.to(d.device) for k, v in next(batches).items()} for _ in range(ocfg.accumulation)]
+    counts = [(batch["labels"][:, 1:] != IGNORE_INDEX).sum().float() for batch in micro_batches]
+    total = torch.stack(counts).sum()
+    total = (parallel.sum_all(total) if d.distributed else total).clamp(min=1)
+    step_loss, tokens = torch.zeros((), device=d.device), 0
+    for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
+        with parallel.gradient_sync(run.wrapped, d, micro == ocfg.accumulation - 1):
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
                 loss = run.wrapped(**batch, z_loss_weight=tcfg.z_loss_weight).loss
-            scaled = loss * count * d.world_size / total if d.distributed else loss
+            scaled = loss * count * d.world_size / total
             if d.kind == "deepspeed":
-                run.wrapped.backward(scaled)  # the engine divides by the accumulation itself
+                run.wrapped.backward(scaled * ocfg.accumulation)  # the engine divides by the accumulation
                 run.wrapped.step()  # at the accumulation boundary: clipping, optimiser step, zeroing
             else:
-                (scaled / accumulation).backward()
-        sums.append(loss.detach().float() * count / total if d.distributed else loss.detach().float())
+                scaled.backward()
+        step_loss += loss.detach().float() * count / total
         tokens += int(batch["attention_mask"].sum())
     if d.kind != "deepspeed":
         if ocfg.grad_clip > 0:
@@ -431,15 +443,13 @@ def train_step(run: Run, batches) -> tuple[float, int]:
         run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     if not d.distributed:
-        return sum(s.item() / accumulation for s in sums), tokens
-    stats = parallel.sum_all(torch.stack([*sums, torch.tensor(float(tokens), device=d.device)]))
-    return stats[:-1].sum().item() / accumulation, int(stats[-1].item())
+        return step_loss.item(), tokens
+    stats = parallel.sum_all(torch.stack([step_loss, torch.tensor(float(tokens), device=d.device)]))
+    return stats[0].item(), int(stats[1].item())
 
 
 def load_eval_task(cfg: EvalTaskConfig) -> tuple:
     """The spec, support and query examples of one in-loop evaluation task, read once."""
-    from interleaf.eval.tasks import load_task
-
     return cfg, *load_task(cfg.task, cfg.root or None)
 
 
@@ -447,8 +457,6 @@ def evaluate_tasks(run: Run, tasks: list) -> dict[str, float]:
     """Few-shot scores of the unwrapped model, ``{"eval/<task>/<k>shot": score}``, through the
     evaluation harness: on rank 0 (on every rank in lockstep under FSDP, whose weights are
     gathered collectively), in eval mode, back to training mode after."""
-    from interleaf.eval.harness import EvalConfig, evaluate
-
     scores: dict[str, float] = {}
     if run.dist.main or run.dist.kind == "fsdp":
         with parallel.evaluation(run.model, run.dist):

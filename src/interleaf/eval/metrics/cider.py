@@ -18,6 +18,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Literal, TypeVar
 
 from interleaf.eval.metrics.ptb import clean_caption, python_tokenize
+from interleaf.extras import MissingExtra
 
 Key = TypeVar("Key", bound=Hashable)
 Tokenizer = Literal["auto", "java", "python"]
@@ -53,7 +54,9 @@ def _tokenize_runs(runs: Sequence[Sequence[str]], tokenizer: Tokenizer) -> tuple
     if tokenizer not in ("auto", "java", "python"):
         raise ValueError(f'tokenizer must be "auto", "java" or "python", not {tokenizer!r}')
     if tokenizer == "java" and not java_tokenizer_available():
-        raise RuntimeError('tokenizer="java" needs `pip install pycocoevalcap` and a `java` executable on PATH')
+        raise MissingExtra(
+            "tokenizer=\"java\" needs pycocoevalcap (pip install 'interleaf[eval]') and a `java` executable on PATH"
+        )
     if tokenizer == "java":
         return [java_tokenize(run) for run in runs], True
     if tokenizer == "auto" and java_tokenizer_available():

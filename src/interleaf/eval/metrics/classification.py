@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from interleaf.extras import optional_import
+
 
 def _check_lengths(name: str, values: Sequence, labels: Sequence) -> None:
     if len(values) != len(labels):
@@ -18,10 +20,7 @@ def _check_lengths(name: str, values: Sequence, labels: Sequence) -> None:
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     """Area under the ROC curve of ``scores`` (higher = more likely positive) for binary ``labels`` (0/1),
     ``sklearn.metrics.roc_auc_score(labels, scores)``."""
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError as error:
-        raise ImportError("roc_auc needs scikit-learn: `pip install scikit-learn`") from error
+    roc_auc_score = optional_import("sklearn.metrics", "ROC AUC (HatefulMemes)", "eval").roc_auc_score
     _check_lengths("scores", scores, labels)
     classes = set(np.asarray(labels).tolist())
     if not classes <= {0, 1}:

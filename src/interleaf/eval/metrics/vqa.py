@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Literal, TypeVar
 
+from interleaf.extras import MissingExtra
+
 Key = TypeVar("Key", bound=Hashable)
 Convention = Literal["vqa", "open_flamingo"]
 
@@ -189,7 +191,7 @@ OKVQA_MANUAL_STEMS = {
 }  # fmt: skip
 
 _OKVQA_SETUP = (
-    "OK-VQA stemming needs `pip install nltk inflection` and NLTK's data: "
+    "OK-VQA stemming needs `pip install 'interleaf[okvqa]'` (nltk, inflection) and NLTK's data: "
     "python -c \"import nltk; [nltk.download(p) for p in ('punkt', 'punkt_tab', 'averaged_perceptron_tagger', "
     "'averaged_perceptron_tagger_eng', 'wordnet')]\""
 )
@@ -217,8 +219,8 @@ def okvqa_stem(text: str) -> str:
     try:
         import inflection
         import nltk
-    except ImportError as error:
-        raise ImportError(_OKVQA_SETUP) from error
+    except ImportError:
+        raise MissingExtra(_OKVQA_SETUP) from None
     lemmatizer = nltk.stem.WordNetLemmatizer()
     try:
         tagged = nltk.pos_tag(nltk.tokenize.word_tokenize(text))

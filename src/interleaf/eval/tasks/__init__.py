@@ -40,6 +40,7 @@ def load_task(
     """
     path = task_file(name_or_path)
     spec = parse_task(path)
+    _check_root(spec, root, path)
     support = _read(spec, "support", root, path) if spec.support else []
     return spec, support, _read(spec, "query", root, path)
 
@@ -93,6 +94,26 @@ def _check_reader_args(reader: str, args: Any, where: str) -> None:
         inspect.signature(READERS[reader]).bind(**args)
     except TypeError as e:
         raise ValueError(f"{where}: arguments do not fit reader {reader!r}: {e}") from None
+
+
+def _check_root(spec: TaskSpec, root: str | Path | None, path: Path) -> None:
+    """A task whose files lie under ``{root}`` needs ``root``, an existing directory."""
+    uses = [
+        (f"{key}.{name}", value)
+        for key in ("support", "query")  # in the order they are read
+        for name, value in (getattr(spec, key) or {}).items()
+        if ROOT in str(value)
+    ]
+    if not uses:
+        return
+    where, value = uses[0]
+    if root is None or not str(root):
+        raise ValueError(
+            f"task {spec.name} needs --root, the directory holding its files "
+            f"({path.name}: {where}: {value!r} lies under the data root; pass root)"
+        )
+    if not Path(root).is_dir():
+        raise ValueError(f"task {spec.name}: the data root {str(root)!r} (--root) is not a directory")
 
 
 def _read(spec: TaskSpec, key: str, root: str | Path | None, path: Path) -> list[Example]:

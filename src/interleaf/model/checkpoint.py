@@ -1,9 +1,14 @@
-"""Checkpoints: ``config.json`` + ``model.safetensors`` + the tokenizer, in one directory.
+"""Checkpoints: ``config.json`` + ``model.safetensors`` + the tokenizer + the processor, in one
+directory; and the backbones a config names.
 
 Full checkpoints also hold the backbones' HF configs (``lm_config.json``,
 ``vision_config.json``) so they load offline with nothing else. Trainable-only checkpoints
 (``save_pretrained(dir, trainable_only=True)``) hold the trained parameters alone and load
 the backbones from ``config.lm.source`` / ``config.vision.source`` (a hub id or a path).
+A local backbone path is saved relative to the checkpoint directory when it lies inside it
+(``./backbones/lm``), else absolute, so a checkpoint loads from any working directory.
+Every checkpoint holds its processor (``processor_config.json``, the image processor and
+the tokenizer), so ``Processor.from_pretrained`` works on it alone.
 Loading validates the keys strictly and names every missing, unexpected or misshapen one.
 With ``trainable.lora`` the model is built with its adapters before the weights load, so the
 adapters (``...q_proj.lora_A.default.weight``) are trainable weights like any other, and a
@@ -12,8 +17,8 @@ full checkpoint holds the adapted layers' frozen weights as ``...q_proj.base_lay
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -24,8 +29,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from interleaf.config import FlamingoConfig
+from interleaf.hub import native
 from interleaf.model.trainable import apply_trainable
-from interleaf.model.vision import tower_config_from_dict, tower_from_config
+from interleaf.model.vision import load_tower, tower_config_from_dict, tower_from_config
+from interleaf.processing import CONFIG_FILE as PROCESSOR_CONFIG
+from interleaf.processing import IMAGE_PROCESSOR_FILE, Processor
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -43,14 +51,23 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_flamingo(model, path: str | Path, *, trainable_only: bool = False, state=None) -> None:
     """Write ``model`` (or, for converters, ``state``: tensors named and shaped as the
-    possibly meta-device ``model``'s, checked here) as an interleaf checkpoint."""
+    possibly meta-device ``model``'s, checked here) as an interleaf checkpoint, with its
+    processor unless one was saved in ``path`` already."""
     path = Path(path)
     expected = unique_state_dict(model)
     if state is None:
         state = expected
     else:
         _check_keys(path / WEIGHTS, state, expected)
-    path.mkdir(parents=True, exist_ok=True)
+    if (path / PROCESSOR_CONFIG).exists():
+        processor = None
+    elif model.image_processor is not None:
+        processor = Processor(model.tokenizer, model.image_processor, tokens=model.config.tokens)
+    else:
+        raise ValueError(
+            f"cannot save to {path}: the model has no image processor (build it with Flamingo.from_config, "
+            "pass image_processor= to Flamingo(...), or save a Processor to the directory first)"
+        )
     if trainable_only:
         for field, source in (("lm", model.config.lm.source), ("vision", model.config.vision.source)):
             if not source:
@@ -60,46 +77,51 @@ def save_flamingo(model, path: str | Path, *, trainable_only: bool = False, stat
                 )
         keep = set(model.trainable_names)
         state = {k: v for k, v in state.items() if k in keep}
+    path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, path / WEIGHTS, metadata={"format": "pt", KIND_KEY: "trainable" if trainable_only else "full"})
-    model.config.to_json(path / CONFIG)
+    portable_sources(model.config, path).to_json(path / CONFIG)
     (path / LM_CONFIG).write_text(model.language_model.lm.config.to_json_string())
     (path / VISION_CONFIG).write_text(model.vision.tower.config.to_json_string())
     model.tokenizer.save_pretrained(path)
-    _save_processor(model, path)
+    if processor is not None:
+        processor.save_pretrained(path)
 
 
-def _save_processor(model, path: Path) -> None:
-    """Write the processor beside the weights (unless one was saved there already), so that
-    ``Processor.from_pretrained`` works on a model checkpoint alone."""
-    from interleaf.processing import CONFIG_FILE, Processor
+def portable_sources(config: FlamingoConfig, directory: Path) -> FlamingoConfig:
+    """``config`` with each backbone source that is a local path written so that it resolves
+    from anywhere: relative to ``directory`` (``./...``) when it lies inside it, else absolute.
+    Hub ids stay as they are."""
 
-    source = model.config.vision.source
-    if (path / CONFIG_FILE).exists() or not source:
-        return
-    try:
-        image_processor = transformers.AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        warnings.warn(
-            f"no processor written to {path}: cannot load the image processor of {source!r}: {e}", stacklevel=3
-        )
-        return
-    Processor(model.tokenizer, image_processor, tokens=model.config.tokens).save_pretrained(path)
+    def portable(source: str) -> str:
+        local = Path(source).expanduser()
+        if not source or not local.exists():
+            return source
+        local, root = local.resolve(), directory.resolve()
+        return f"./{local.relative_to(root).as_posix()}" if local.is_relative_to(root) else str(local)
+
+    return dataclasses.replace(
+        config,
+        lm=dataclasses.replace(config.lm, source=portable(config.lm.source)),
+        vision=dataclasses.replace(config.vision, source=portable(config.vision.source)),
+    )
 
 
-def resolve(path: str | Path) -> Path:
-    """A local directory for ``path``: itself, or a hub snapshot of the repo id ``path``."""
-    local = Path(path)
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise ValueError(f"{path}: expected a checkpoint directory, found a file")
-    try:
-        from huggingface_hub import snapshot_download
+def located_sources(config: FlamingoConfig, directory: Path) -> FlamingoConfig:
+    """The inverse of :func:`portable_sources` for a checkpoint read from ``directory``: sources
+    written relative to it become absolute paths; others stay (hub ids, absolute paths, and the
+    relative paths older checkpoints kept, which resolve from the directory they were saved from)."""
 
-        return Path(snapshot_download(str(path)))
-    except Exception as e:  # network, auth and repo errors all mean: not loadable
-        raise ValueError(f"{path!r} is neither a local directory nor a downloadable hub repo: {e}") from None
+    def located(source: str) -> str:
+        if source.startswith(("./", "../")) and (directory / source).exists():
+            return str((directory / source).resolve())
+        return source
+
+    return dataclasses.replace(
+        config,
+        lm=dataclasses.replace(config.lm, source=located(config.lm.source)),
+        vision=dataclasses.replace(config.vision, source=located(config.vision.source)),
+    )
 
 
 def load_lm_and_tokenizer(source: str, **kwargs):
@@ -112,20 +134,53 @@ def load_lm_and_tokenizer(source: str, **kwargs):
     return lm, tokenizer
 
 
-def load_flamingo(path: str | Path, *, dtype: torch.dtype | None = None):
-    from interleaf.convert import native
-    from interleaf.model.flamingo import Flamingo, load_backbones
+def load_backbones(config: FlamingoConfig) -> tuple[nn.Module, object, nn.Module, object]:
+    """The LM, its tokenizer, the vision tower and its image processor named by ``config``; a
+    source that cannot be loaded is a one-line ``ValueError`` naming the field, the source and the
+    reason. Both sources' configs are read before any weights, so a wrong id fails fast."""
 
+    def load(field: str, what: str, fn):
+        source = getattr(config, field).source
+        if not source:
+            raise ValueError(f"{field}.source is empty: name the {what} (a hub id or a local directory)")
+        try:
+            return fn(source)
+        except (OSError, ValueError) as e:
+            reason = e.__context__ or e  # the loader's own error, without its wrapping
+            raise ValueError(f"{field}.source {source!r}: cannot load the {what}: {one_line(reason)}") from None
+
+    load("lm", "language model", transformers.AutoConfig.from_pretrained)
+    load("vision", "vision encoder", transformers.AutoConfig.from_pretrained)
+    lm, tokenizer = load("lm", "language model", load_lm_and_tokenizer)
+    tower = load("vision", "vision encoder", load_tower)
+    image_processor = load("vision", "image processor", transformers.AutoImageProcessor.from_pretrained)
+    return lm, tokenizer, tower, image_processor
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message with its line breaks and runs of spaces collapsed."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def load_flamingo(cls, path: str | Path, *, dtype: torch.dtype | None = None):
+    """The model of class ``cls`` (:class:`~interleaf.model.flamingo.Flamingo`) saved at ``path``
+    (a directory or hub id; upstream formats are converted, see :func:`interleaf.hub.native`)."""
     root = native(path)
     for name in (CONFIG, WEIGHTS):
         if not (root / name).is_file():
             raise ValueError(f"{root}: not an interleaf checkpoint: {name} is missing")
-    config = FlamingoConfig.from_json(root / CONFIG)
+    config = located_sources(FlamingoConfig.from_json(root / CONFIG), root)
     state, kind = _read_weights(root / WEIGHTS)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(root)
     except (OSError, ValueError) as e:
         raise ValueError(f"{root}: cannot load the tokenizer: {e}") from None
+    image_processor = None
+    if (root / IMAGE_PROCESSOR_FILE).is_file():
+        try:
+            image_processor = transformers.AutoImageProcessor.from_pretrained(root)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{root}: cannot load the image processor: {one_line(e)}") from None
     if kind == "full":
         lm_config = _read_hf_config(root / LM_CONFIG)
         vision_config = _read_hf_config(root / VISION_CONFIG, tower_config_from_dict)
@@ -136,14 +191,15 @@ def load_flamingo(path: str | Path, *, dtype: torch.dtype | None = None):
             tower = tower_from_config(vision_config)
         _tie_embeddings(lm)  # outside the context, which would copy the parameter
         with init_empty_weights():
-            model = Flamingo(config, lm=lm, vision_tower=tower, tokenizer=tokenizer)
+            model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer, image_processor=image_processor)
         _check_keys(root / WEIGHTS, state, unique_state_dict(model))
         model.load_state_dict(state, strict=False, assign=True)
         _tie_embeddings(model.language_model.lm)
         model.trainable_names = apply_trainable(model, config.trainable)
     else:
-        lm, _, tower = load_backbones(config)
-        model = Flamingo(config, lm=lm, vision_tower=tower, tokenizer=tokenizer)
+        lm, _, tower, backbone_processor = load_backbones(config)
+        processor = image_processor or backbone_processor
+        model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer, image_processor=processor)
         _check_keys(root / WEIGHTS, state, {k: model.state_dict()[k] for k in model.trainable_names})
         model.load_state_dict(state, strict=False)
     if dtype is not None:

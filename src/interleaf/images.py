@@ -1,0 +1,103 @@
+"""The one image decoder, shared by the data pipeline and the processor: the same accepted
+sources, the same modes (RGB, transparent pixels composited on white), the same pixel limit
+and the same errors.
+
+An :class:`ImageError` is a ``ValueError`` with a stable ``reason`` (``missing_image``,
+``empty_image``, ``corrupt_image``, ``huge_image``, ``bad_image_type``): the processor shows its
+message, the data pipeline counts skipped samples by its reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused, not decoded
+SOURCE_TYPES = "PIL.Image.Image, pathlib.Path, bytes or numpy.ndarray"
+_TRANSPARENT_MODES = ("RGBA", "LA", "P", "PA", "RGBa", "La")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is a short stable key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_image(source: Any, where: str = "") -> Image.Image:
+    """An RGB PIL image from a PIL image, a ``Path``, encoded ``bytes`` or an HxW / HxWxC uint8
+    array (C in 1, 3, 4). Failures are :class:`ImageError`s whose message starts with ``where``."""
+    at = f"{where}: " if where else ""
+    if isinstance(source, bytearray):
+        source = bytes(source)
+    if isinstance(source, np.ndarray):
+        source = _from_array(source, at)
+    elif isinstance(source, Path):
+        try:
+            raw = source.read_bytes()
+        except OSError as e:
+            raise ImageError("missing_image", f"{at}cannot read image file '{source}': {e.strerror or e}") from None
+        return _decode(raw, f"{at}image file '{source}'", f"{at}cannot read image file '{source}'")
+    elif isinstance(source, bytes):
+        return _decode(source, f"{at}image bytes", f"{at}cannot read image bytes")
+    elif not isinstance(source, Image.Image):
+        kind = type(source).__name__
+        raise ImageError("bad_image_type", f"{at}unsupported item type {kind}; expected {SOURCE_TYPES}")
+    _check_size(source, f"{at}image")
+    source.load()
+    return to_rgb(source)
+
+
+def _decode(raw: bytes, what: str, cannot: str) -> Image.Image:
+    if not raw:
+        raise ImageError("empty_image", f"{cannot}: zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:
+                _check_size(image, what)
+                image.load()
+                return to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("huge_image", f"{what} is too large to decode safely: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("corrupt_image", f"{cannot}: not an image in a format PIL knows") from None
+    except Exception as e:  # PIL raises many types for broken files; none may escape untranslated
+        raise ImageError("corrupt_image", f"{cannot}: {type(e).__name__}: {e}") from None
+
+
+def _check_size(image: Image.Image, what: str) -> None:
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            "huge_image",
+            f"{what} is too large to decode safely: {image.width}x{image.height} pixels exceeds {MAX_IMAGE_PIXELS:,}",
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels composited on white (as transformers' ``convert_to_rgb``)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _from_array(array: np.ndarray, at: str) -> Image.Image:
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
+        raise ImageError(
+            "bad_image_type",
+            f"{at}an image array must be HxW or HxWxC uint8 with C in 1, 3 or 4, "
+            f"got shape {array.shape} dtype {array.dtype}",
+        )
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
