@@ -81,6 +81,17 @@ def test_a_stage_that_is_missing_or_does_not_fit_stops_the_run(backbones, shards
     for override, words in cases.items():
         assert main(["train", path, override]) == 2
         err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and err[0].startswith("interleaf train: error: train.init_from: "), err
+        assert len(err) == 1 and err[0].startswith("interleaf train: error: "), err
+        assert "train.init_from: " in err[0]
         assert words in err[0]
         assert not (tmp_path / "run").exists()
+
+
+def test_the_files_a_run_reads_are_checked_when_the_recipe_loads(backbones, shards, tmp_path):
+    import pytest
+
+    path = write_recipe(tiny_recipe(backbones, shards, tmp_path / "run", steps=1), tmp_path / "recipe.yaml")
+    with pytest.raises(ValueError, match=r"recipe.yaml: train.init_from: .*nowhere is not a directory"):
+        load_recipe(path, [f"train.init_from={tmp_path / 'nowhere'}"])
+    with pytest.raises(ValueError, match=r"recipe.yaml: train.deepspeed_config: no such file: .*zero9.json"):
+        load_recipe(path, ["train.parallel=deepspeed", f"train.deepspeed_config={tmp_path / 'zero9.json'}"])

@@ -19,6 +19,7 @@ import yaml
 from interleaf.config import FlamingoConfig, _validate, from_dict
 from interleaf.data.collate import CollateConfig
 from interleaf.data.shards import expand
+from interleaf.train.checkpoints import check_init_source
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -169,7 +170,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         apply_override(data, override, where)
     recipe = from_dict(Recipe, data, where=where)
     check_data(recipe.data, where)
+    check_run_paths(recipe.train, where)
     return recipe
+
+
+def check_run_paths(train: TrainConfig, where: str = "recipe") -> None:
+    """The files a run reads must exist: the stage it starts from and a DeepSpeed config."""
+    try:
+        if train.init_from:
+            check_init_source(train.init_from)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if train.deepspeed_config and not Path(train.deepspeed_config).is_file():
+        raise ValueError(f"{where}: train.deepspeed_config: no such file: {train.deepspeed_config}")
 
 
 def apply_override(data: dict[str, Any], override: str, where: str = "overrides") -> None:
