@@ -68,6 +68,13 @@ def test_the_cli_run_starts_from_the_stage_it_names(backbones, shards, tmp_path)
     assert abs(logged["loss"] - loaded) <= 1e-5 * abs(loaded)
     assert abs(fresh - loaded) > 1e-2  # the stage's weights change the loss, so the check can fail
 
+    # a stage that is not there: one line, non-zero exit, nothing trained or written
+    missing = [*cmd[:-1], f"train.init_from={tmp_path / 'nowhere'}", f"train.out_dir={tmp_path / 'second'}"]
+    done = subprocess.run(missing, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 2 and "trained to step" not in done.stdout
+    assert done.stderr.count("\n") == 1 and "train.init_from: " in done.stderr and "is not a directory" in done.stderr
+    assert not (tmp_path / "second").exists()
+
 
 def test_a_stage_that_is_missing_or_does_not_fit_stops_the_run(backbones, shards, tmp_path, capsys):
     recipe = tiny_recipe(backbones, shards, tmp_path / "run", steps=1)
