@@ -196,7 +196,10 @@ def data_inspect(spec: str, samples: int) -> None:
                 shown += 1
                 parts = [f"[image {len(s.image.data)} B]" if s.image else repr(s.text[:60]) for s in doc.segments]
                 print(f"{doc.id} ({doc.source or 'no source'}): " + " ".join(parts))
-    print(f"{counter.seen - sum(counter.skipped.values())} documents, {images} images; by kind: {dict(kinds)}")
+    documents = sum(kinds.values())
+    if documents == 0:
+        raise ValueError(f"{spec}: no readable document in its shards: {counter.report()}")
+    print(f"{documents} documents, {images} images; by kind: {dict(kinds)}")
     print(counter.report())
 
 

@@ -102,3 +102,14 @@ def test_the_files_a_run_reads_are_checked_when_the_recipe_loads(backbones, shar
         load_recipe(path, [f"train.init_from={tmp_path / 'nowhere'}"])
     with pytest.raises(ValueError, match=r"recipe.yaml: train.deepspeed_config: no such file: .*zero9.json"):
         load_recipe(path, ["train.parallel=deepspeed", f"train.deepspeed_config={tmp_path / 'zero9.json'}"])
+
+
+def test_a_source_of_empty_shards_stops_the_run_with_one_line(backbones, shards, tmp_path, capsys):
+    import tarfile
+
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    path = write_recipe(tiny_recipe(backbones, shards, tmp_path / "run", steps=2), tmp_path / "recipe.yaml")
+    assert main(["train", str(path), f"data.sources.world.shards={tmp_path / 'empty.tar'}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "read no document" in err[0], err

@@ -138,9 +138,18 @@ class ShardStream:
     def __iter__(self) -> Iterator[Document]:
         while self.epochs is None or self.position.epoch < self.epochs:
             shards, by_sample = self._assignment(self.position.epoch)
+            whole_pass, found = self.position.shard == 0 and self.position.offset == 0, False
             while self.position.shard < len(shards):
-                yield from self._read(shards[self.position.shard], by_sample)
+                for doc in self._read(shards[self.position.shard], by_sample):
+                    found = True
+                    yield doc
                 self.position = Position(self.position.epoch, self.position.shard + 1, 0)
+            if whole_pass and not found:  # another pass would read nothing again, forever
+                raise DataError(
+                    "empty_source",
+                    f"a whole pass over {len(shards)} shard(s) (e.g. {shards[0]}) read no document for slot "
+                    f"{self.slot} of {self.num_slots}: {self.counter.report()}",
+                )
             self.position = Position(self.position.epoch + 1, 0, 0)
 
     def _read(self, shard: str, by_sample: bool) -> Iterator[Document]:
