@@ -45,7 +45,7 @@ def test_generate_verb_reports_bad_input(demo_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"interleaf generate: error: argument --image: no such file: {tmp_path / 'y.png'}\n"
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
-    assert "neither a local directory" in capsys.readouterr().err
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_eval_verb_checks_the_task_before_loading_the_model(demo_run, tmp_path, capsys):

@@ -165,18 +165,25 @@ def data_convert(
         raise ValueError(f"src {src}: no such file or directory")
     reading, writing = SkipCounter(max_skip_rate=max_skip_rate), SkipCounter(max_skip_rate=max_skip_rate)
     options = {"image_root": image_root} if image_root is not None else {}
+    before = set(out.glob("*.tar")) if out.is_dir() else set()
     try:
         docs = read(src, fmt, counter=reading, **options)
         first = next(docs, None)
         if first is None:
             raise ValueError(f"{src}: no usable {fmt} document read (is it in the {fmt} format?): {reading.report()}")
         shards = write_shards(itertools.chain([first], docs), out, max_samples=shard_size, counter=writing)
-    except FileNotFoundError as e:  # a directory without files of the format
-        raise ValueError(f"{fmt}: {e}") from None
-    except DataError as e:  # too many skips: the counter's verdict
-        raise ValueError(f"{src} ({fmt}): {e}") from None
-    if writing.seen == sum(writing.skipped.values()):
-        raise ValueError(f"{src}: wrote no {fmt} document to {out}: {writing.report()}")
+        if writing.seen == sum(writing.skipped.values()):
+            raise ValueError(f"{src}: wrote no {fmt} document to {out}: {writing.report()}")
+    except (FileNotFoundError, DataError, ValueError) as e:
+        for shard in set(out.glob("*.tar")) - before if out.is_dir() else ():  # no partial or empty shards stay
+            shard.unlink()
+        if out.is_dir() and not before and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(e, FileNotFoundError):  # a directory without files of the format
+            raise ValueError(f"{fmt}: {e}") from None
+        if isinstance(e, DataError):  # too many skips: the counter's verdict
+            raise ValueError(f"{src} ({fmt}): {e}") from None
+        raise
     print(f"wrote {len(shards)} shards to {out}; read: {reading.report()}; written: {writing.report()}")
 
 

@@ -39,6 +39,9 @@ def resolve(path: str | Path) -> Path:
         return local
     if local.exists():
         raise ValueError(f"{path}: expected a checkpoint directory, found a file")
+    text = str(path)
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:  # a path, not "org/name"
+        raise ValueError(f"{path}: no such directory")
     try:
         from huggingface_hub import snapshot_download
 

@@ -27,3 +27,15 @@ def test_data_inspect_of_empty_shards_is_an_error(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "no readable document in its shards" in err[0]
+
+
+def test_a_failed_convert_leaves_no_shard_behind(tmp_path, capsys):
+    import json
+
+    record = {"id": "1", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>hi"}]}
+    record["conversations"].append({"from": "gpt", "value": "a picture"})
+    (tmp_path / "chat.json").write_text(json.dumps([record, {**record, "id": "2"}]))
+    out = tmp_path / "shards"
+    assert main(["data", "convert", "llava", str(tmp_path / "chat.json"), str(out)]) == 2
+    assert "missing_image" in capsys.readouterr().err
+    assert not out.exists()

@@ -113,3 +113,12 @@ def test_a_source_of_empty_shards_stops_the_run_with_one_line(backbones, shards,
     assert main(["train", str(path), f"data.sources.world.shards={tmp_path / 'empty.tar'}"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "read no document" in err[0], err
+
+
+def test_resuming_a_run_with_a_changed_model_is_one_line(backbones, shards, tmp_path, capsys):
+    path = str(write_recipe(tiny_recipe(backbones, shards, tmp_path / "run", steps=1), tmp_path / "recipe.yaml"))
+    assert main(["train", path]) == 0
+    capsys.readouterr()
+    assert main(["train", path, "train.steps=2", "model.resampler.num_latents=6"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "does not fit this model: 'resampler.latents' has shape (4, 32)" in err[0], err

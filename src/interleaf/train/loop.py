@@ -226,7 +226,13 @@ class Run:
         return self.out_dir / f"checkpoint-{self.step}"
 
     def restore(self, ckpt: checkpoints.Checkpoint) -> None:
-        parallel.load_trainable_weights(self.model, ckpt.weights)
+        try:
+            parallel.load_trainable_weights(self.model, ckpt.weights)
+        except ValueError as e:
+            raise ValueError(
+                f"train.resume: {ckpt.path} does not fit this model: {e} (a run resumes the newest checkpoint of "
+                "its train.out_dir: give a changed model another out_dir, or train.resume=never)"
+            ) from None
         if ckpt.state["optimizer"] is None or self.dist.kind == "deepspeed":
             warnings.warn(f"{ckpt.path}: the optimiser state is not restored; its moments restart", stacklevel=2)
         else:

@@ -286,6 +286,11 @@ def load_trainable_weights(model: nn.Module, weights: dict[str, Tensor]) -> None
     if set(params) != set(weights):
         diff = sorted(set(params) ^ set(weights))
         raise ValueError(f"checkpoint weights do not match the model's trainable parameters, e.g. {diff[:3]}")
+    for name, param in params.items():
+        if weights[name].shape != param.shape:
+            raise ValueError(
+                f"{name!r} has shape {tuple(weights[name].shape)} in the checkpoint, {tuple(param.shape)} in the model"
+            )
     from torch.distributed.tensor import distribute_tensor
 
     with torch.no_grad():
