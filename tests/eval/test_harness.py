@@ -63,7 +63,13 @@ def test_batch_size_does_not_change_results(model_and_processor, world, task):
         model, processor, spec, support, queries, EvalConfig(shots=(0, 2), batch_size=bs, limit=6), progress=False
     )
     one, many = run(1), run(4)
-    assert [r["samples"] for r in one["results"]] == [r["samples"] for r in many["results"]]
+    # Batched prompts run in other float shapes: scores agree to float32 rounding (shared/ARCHITECTURE.md).
+    for a, b in zip(one["results"], many["results"]):
+        for x, y in zip(a["samples"], b["samples"], strict=True):
+            x, y = dict(x), dict(y)
+            sx, sy = x.pop("scores", {}), y.pop("scores", {})
+            assert x == y and sx.keys() == sy.keys()
+            assert all(abs(sx[c] - sy[c]) < 1e-5 for c in sx)
 
 
 def test_results_schema_and_demonstrations(model_and_processor, world):
@@ -122,14 +128,14 @@ def test_rices_puts_the_most_similar_last(model_and_processor, world, tmp_path):
     model, processor = model_and_processor
     spec, support, queries = load_task("tinyworld_classification", world)
     rices = Rices.from_model(model, processor, cache_dir=tmp_path)
-    ranked = rices.rank(queries[:3], support)
+    ranked = rices.rank(queries[:3], support, k=3)
     emb_q, emb_s = rices.embed(queries[:3]), rices.embed(support)
     for q, order in enumerate(ranked):
         sims = (emb_s @ emb_q[q]).tolist()
         assert sims[order[0]] == max(sims)
         demos, _ = choose_demos(support, q, 3, seed=0, ranked=order)
         assert demos[-1] is support[order[0]]  # the most similar next to the query
-    assert list(tmp_path.glob("rices-*.pt"))  # embeddings cached on disk
+    assert list(tmp_path.glob("rices-*/*.safetensors"))  # embeddings cached on disk
     report = evaluate(
         model,
         processor,
