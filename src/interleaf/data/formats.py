@@ -19,7 +19,9 @@ short reason (``malformed_json``, ``missing_field``, ``bad_type``, ``bad_index``
 and JSON list items from 0). The counter raises ``DataError("too_many_skips")`` once the skip rate
 passes its ceiling. Images are references (bytes, path or URL), not decoded; ``check_images=True``
 decodes each one at read time and skips the record with the image's reason (``corrupt_image``,
-``empty_image``, ``huge_image``, ``missing_image``, ``url_image``) when one fails.
+``empty_image``, ``huge_image``, ``missing_image``, ``url_image``) when one fails. ``part`` (a
+:class:`~interleaf.data.parts.Part`) reads only that part's files or records; the records of other
+parts are neither built nor counted.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .parts import Part
 from .schema import DataError, Document, ImageRef, Segment, SkipCounter
 
 Task = tuple[str, Callable[[], Document]]  # where the record is, and how to build its document
@@ -50,6 +53,14 @@ IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img")  # HF datasets, img2datas
 TEXT_COLUMNS = ("caption", "text")  # matched case-insensitively: LAION's TEXT
 URL_COLUMNS = ("url",)  # LAION's URL
 FILE_ERRORS = (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, pa.ArrowException)
+SUFFIXES = {  # the files of each format that a directory's listing holds
+    "mmc4": (".jsonl", ".jsonl.zip"),
+    "obelics": (".parquet",),
+    "pairs_wds": (".tar",),
+    "pairs_parquet": (".parquet",),
+    "llava": (".json",),
+    "annt": (".json",),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +74,7 @@ def read_mmc4(
     similarity_threshold: float | None = None,
     counter: SkipCounter | None = None,
     check_images: bool = False,
+    part: Part | None = None,
 ) -> Iterator[Document]:
     """MMC4 documents from ``.jsonl`` (or ``.jsonl.zip``) files.
 
@@ -72,9 +84,9 @@ def read_mmc4(
     ``image_root / image_name``, or their ``raw_url`` when ``image_root`` is None. The document id
     is its ``url``.
     """
-    files = _files(path, (".jsonl", ".jsonl.zip"))
+    files = _files(path, SUFFIXES["mmc4"])
     per_file = partial(_mmc4_tasks, image_root=image_root, threshold=similarity_threshold)
-    return _documents(_tasks(files, per_file), counter, check_images)
+    return _documents(_tasks(files, per_file, part), counter, check_images)
 
 
 def _mmc4_tasks(file: Path, image_root: str | Path | None, threshold: float | None) -> Iterator[Task]:
@@ -113,6 +125,7 @@ def read_obelics(
     image_root: str | Path | None = None,
     counter: SkipCounter | None = None,
     check_images: bool = False,
+    part: Part | None = None,
 ) -> Iterator[Document]:
     """OBELICS documents from ``.parquet`` files.
 
@@ -124,8 +137,8 @@ def read_obelics(
     such. ``metadata`` (a JSON list, one dict per image) goes to each image's ``meta``,
     ``general_metadata`` (a JSON dict) to the document's; the id is its ``url``.
     """
-    files = _files(path, (".parquet",))
-    return _documents(_tasks(files, partial(_obelics_tasks, image_root=image_root)), counter, check_images)
+    files = _files(path, SUFFIXES["obelics"])
+    return _documents(_tasks(files, partial(_obelics_tasks, image_root=image_root), part), counter, check_images)
 
 
 def _obelics_tasks(file: Path, image_root: str | Path | None) -> Iterator[Task]:
@@ -169,7 +182,7 @@ def _obelics_image(value: Any, image_root: str | Path | None, meta: dict[str, An
 
 
 def read_pairs_wds(
-    path: str | Path, *, counter: SkipCounter | None = None, check_images: bool = False
+    path: str | Path, *, counter: SkipCounter | None = None, check_images: bool = False, part: Part | None = None
 ) -> Iterator[Document]:
     """Image-text pairs from webdataset ``.tar`` shards (as img2dataset writes them).
 
@@ -179,8 +192,8 @@ def read_pairs_wds(
     webdataset's own tar iterator and key splitting (so keys match what ``wds.WebDataset`` sees),
     grouped here rather than by its pipeline so that every bad sample is counted by reason.
     """
-    files = _files(path, (".tar",))
-    return _documents(_tasks(files, _wds_tasks), counter, check_images)
+    files = _files(path, SUFFIXES["pairs_wds"])
+    return _documents(_tasks(files, _wds_tasks, part), counter, check_images)
 
 
 def _wds_tasks(file: Path) -> Iterator[Task]:
@@ -215,6 +228,7 @@ def read_pairs_parquet(
     url_column: str = "url",
     counter: SkipCounter | None = None,
     check_images: bool = False,
+    part: Part | None = None,
 ) -> Iterator[Document]:
     """Image-text pairs from ``.parquet`` files.
 
@@ -225,9 +239,9 @@ def read_pairs_parquet(
     column, raises ``DataError("missing_column")``: no row of it could be read. Document =
     ``[image, caption]``, id = ``file:row``.
     """
-    files = _files(path, (".parquet",))
+    files = _files(path, SUFFIXES["pairs_parquet"])
     per_file = partial(_pairs_parquet_tasks, columns=(image_column, text_column, url_column))
-    return _documents(_tasks(files, per_file), counter, check_images)
+    return _documents(_tasks(files, per_file, part), counter, check_images)
 
 
 def _pairs_parquet_tasks(file: Path, columns: tuple[str, str, str]) -> Iterator[Task]:
@@ -288,6 +302,7 @@ def read_llava(
     image_root: str | Path | None = None,
     counter: SkipCounter | None = None,
     check_images: bool = False,
+    part: Part | None = None,
 ) -> Iterator[Document]:
     """Chat documents from LLaVA-style ``.json`` files (a JSON list of records).
 
@@ -298,8 +313,8 @@ def read_llava(
     without one are text-only chats. As many ``<image>`` as images, or the record is skipped
     (``image_count_mismatch``).
     """
-    files = _files(path, (".json",))
-    return _documents(_tasks(files, partial(_llava_tasks, image_root=image_root)), counter, check_images)
+    files = _files(path, SUFFIXES["llava"])
+    return _documents(_tasks(files, partial(_llava_tasks, image_root=image_root), part), counter, check_images)
 
 
 def _llava_tasks(file: Path, image_root: str | Path | None) -> Iterator[Task]:
@@ -361,6 +376,7 @@ def read_annt(
     image_root: str | Path | None = None,
     counter: SkipCounter | None = None,
     check_images: bool = False,
+    part: Part | None = None,
 ) -> Iterator[Document]:
     """Documents from MM-Interleaved ``annt.json`` files: a JSON list of documents (a single
     document object is accepted too).
@@ -371,8 +387,8 @@ def read_annt(
     become one text segment, joined by single spaces. Image paths are relative to ``image_root``,
     by default the json file's folder. Other keys (``generate_mode``, ``num_iter``) go to ``meta``.
     """
-    files = _files(path, (".json",))
-    return _documents(_tasks(files, partial(_annt_tasks, image_root=image_root)), counter, check_images)
+    files = _files(path, SUFFIXES["annt"])
+    return _documents(_tasks(files, partial(_annt_tasks, image_root=image_root), part), counter, check_images)
 
 
 def _annt_tasks(file: Path, image_root: str | Path | None) -> Iterator[Task]:
@@ -416,10 +432,17 @@ READERS: dict[str, Callable[..., Iterator[Document]]] = {
 
 def read(path: str | Path, fmt: str, *, counter: SkipCounter | None = None, **options: Any) -> Iterator[Document]:
     """Documents of ``path`` (a file or a directory) in format ``fmt``, one of :data:`READERS`;
-    ``options`` go to that format's reader (e.g. ``image_root``, ``check_images``)."""
+    ``options`` go to that format's reader (e.g. ``image_root``, ``check_images``, ``part``)."""
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r}; known formats: {', '.join(READERS)}")
     return READERS[fmt](path, counter=counter, **options)
+
+
+def input_files(path: str | Path, fmt: str) -> list[Path]:
+    """The files a reader of ``fmt`` reads at ``path``, in its order (what parts are split over)."""
+    if fmt not in SUFFIXES:
+        raise ValueError(f"unknown data format {fmt!r}; known formats: {', '.join(READERS)}")
+    return _files(path, SUFFIXES[fmt])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +461,14 @@ def _files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     return [path]
 
 
-def _tasks(files: list[Path], per_file: Callable[[Path], Iterator[Task]]) -> Iterator[Task]:
+def _tasks(files: list[Path], per_file: Callable[[Path], Iterator[Task]], part: Part | None = None) -> Iterator[Task]:
+    """The tasks of ``part`` (all when None): its files' tasks in turn, every ``m``-th from ``r``
+    (:meth:`Part.select`); tasks of other parts are skipped unbuilt, so they cost a scan only."""
+    files, modulus, residue = part.select(files) if part is not None else (files, 1, 0)
+    return itertools.islice(_file_tasks(files, per_file), residue, None, modulus)
+
+
+def _file_tasks(files: list[Path], per_file: Callable[[Path], Iterator[Task]]) -> Iterator[Task]:
     """The tasks of each file in turn; a file that cannot be read (a truncated tar, a broken zip
     or parquet, invalid JSON) becomes one failing task, so it is counted like a bad record."""
     for file in files:

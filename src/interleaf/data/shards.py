@@ -38,14 +38,20 @@ def write_shards(
     max_samples: int = 1000,
     max_bytes: float = 256e6,
     counter: SkipCounter | None = None,
+    key_prefix: str = "",
 ) -> list[Path]:
     """Write ``docs`` to ``out_dir/prefix-000000.tar, ...``, at most ``max_samples`` documents
-    or ``max_bytes`` per shard. Documents whose images cannot be read are skipped and counted."""
+    or ``max_bytes`` per shard, and return the shards written (none, not an empty shard, when no
+    document is). Documents whose images cannot be read are skipped and counted. Sample keys are
+    ``key_prefix`` + the document's index in ``docs`` (``000000012``); a prefix keeps keys unique
+    across the shards of several writers (the parts of a conversion)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counter = counter or SkipCounter()
     pattern = str(out / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=max_samples, maxsize=max_bytes, verbose=0) as sink:
+    sink: wds.ShardWriter | None = None  # opened at the first document: no empty shard
+    written: list[str] = []
+    try:
         for index, doc in enumerate(docs):
             try:
                 images = [image_bytes(ref) for ref in doc.images]
@@ -53,11 +59,16 @@ def write_shards(
                 counter.skip(e.reason, f"document {doc.id!r}", str(e))
                 continue
             names = [f"img{i}.{ext}" for i, (_, ext) in enumerate(images)]
-            sample = {"__key__": f"{index:09d}", "json": doc.to_json(names).encode()}
+            sample = {"__key__": f"{key_prefix}{index:09d}", "json": doc.to_json(names).encode()}
             sample.update({name: raw for name, (raw, _) in zip(names, images)})
+            if sink is None:
+                sink = wds.ShardWriter(pattern, maxcount=max_samples, maxsize=max_bytes, verbose=0, post=written.append)
             sink.write(sample)
             counter.ok()
-    return sorted(out.glob(f"{prefix}-*.tar"))
+    finally:
+        if sink is not None:
+            sink.close()
+    return [Path(shard) for shard in written]
 
 
 def read_shard(path: str | Path, counter: SkipCounter | None = None) -> Iterator[Document]:
