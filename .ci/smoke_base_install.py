@@ -16,7 +16,7 @@ from interleaf.config import CrossAttentionConfig, LMConfig, LoraConfig, Resampl
 from interleaf.extras import MissingExtra
 from interleaf.tiny import build_idefics, build_lm, build_tokenizer, build_vision
 
-EXTRAS_ONLY = ("peft", "tensorboard", "sklearn", "pycocoevalcap", "nltk", "pytest")
+EXTRAS_ONLY = ("peft", "tensorboard", "sklearn", "pycocoevalcap", "nltk", "pytest", "deepspeed", "img2dataset")
 
 
 def main() -> None:

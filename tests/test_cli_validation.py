@@ -80,6 +80,8 @@ def test_eval_options_are_checked(capsys, tmp_path, option, value, words):
         ("--top-p", "1.5", ["argument --top-p", "got 1.5"]),
         ("--image", "/nowhere/cat.png", ["argument --image", "no such file", "/nowhere/cat.png"]),
         ("--seed", "x", ["argument --seed", "'x'"]),
+        ("--device", "gpu", ["argument --device", "expected cpu, cuda, cuda:N, mps or auto", "'gpu'"]),
+        ("--dtype", "float8", ["argument --dtype", "invalid choice", "'float8'"]),
     ],
 )
 def test_generate_options_are_checked(capsys, image, option, value, words):
@@ -98,6 +100,8 @@ def test_generate_stream_with_beams_fails_before_the_model_loads(capsys, image):
         (["demo", "--scale", "0"], "demo", ["argument --scale", "must be > 0", "got 0"]),
         (["demo", "--scale", "-1"], "demo", ["argument --scale", "got -1"]),
         (["demo", "--scale", "nan"], "demo", ["argument --scale", "got nan"]),
+        (["demo", "--dtype", "float16"], "demo", ["argument --dtype", "'float16'"]),
+        (["demo", "--device", "tpu"], "demo", ["argument --device", "'tpu'"]),
         (["data", "tinyworld", "OUT", "--n-train", "0"], "data tinyworld", ["argument --n-train", "got 0"]),
         (["data", "tinyworld", "OUT", "--n-eval", "-1"], "data tinyworld", ["argument --n-eval", "got -1"]),
         (["data", "tinyworld", "OUT", "--image-size", "0"], "data tinyworld", ["argument --image-size", "got 0"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,17 @@ fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 top_p_fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+def part_spec(text: str) -> str:
+    """An argparse ``type``: ``I/N``, part I (from 0) of N."""
+    from interleaf.data.parts import Part
+
+    try:
+        Part.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def existing_path(text: str) -> Path:
     """An argparse ``type``: a file or directory that exists."""
     if not Path(text).exists():
@@ -66,10 +78,10 @@ def existing_dir(text: str) -> Path:
     return Path(text)
 
 
-def demo(out: Path, seed: int, scale: float) -> None:
+def demo(out: Path, seed: int, scale: float, *, device: str = "auto", dtype: str = "float32") -> None:
     from interleaf.demo import DemoOptions, run
 
-    run(DemoOptions(out=out, seed=seed, scale=scale))
+    run(DemoOptions(out=out, seed=seed, scale=scale, device=device, dtype=dtype))
 
 
 def generate(
@@ -85,6 +97,8 @@ def generate(
     seed: int | None,
     stop: list[str],
     stream_output: bool,
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> None:
     """Generate a continuation of ``prompt``, whose ``<image>`` placeholders take ``images`` in
     order; the text is cut before the first of the ``stop`` strings."""
@@ -104,7 +118,7 @@ def generate(
         stop_strings=tuple(stop),
     )
     GenerationConfig(**settings)  # every setting checked before the model loads
-    model = Flamingo.from_pretrained(model_dir)
+    model = Flamingo.from_pretrained(model_dir, device=device, dtype=dtype)
     processor = Processor.from_pretrained(model_dir)
     batch = processor(prompt, images=list(images))
     if stream_output:
@@ -149,42 +163,69 @@ def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every
 
 
 def data_convert(
-    fmt: str, src: Path, out: Path, *, shard_size: int, max_skip_rate: float, image_root: Path | None
+    fmt: str,
+    src: Path,
+    out: Path,
+    *,
+    shard_size: int,
+    max_skip_rate: float,
+    image_root: Path | None,
+    part: str | None = None,
+    workers: int = 1,
+    images: Path | None = None,
 ) -> None:
-    """Read ``src`` in format ``fmt`` and write webdataset shards of ``shard_size`` documents.
+    """Read ``src`` in format ``fmt`` and write webdataset shards of ``shard_size`` documents: all
+    of it, or part ``I/N`` (``part``), in ``workers`` local processes; URL images joined from the
+    img2dataset output folder ``images``. Prints one summary line a part (and the total).
 
     Reading no usable document (e.g. a file of another format) is an error that names the file,
     the format and the skip reasons; so is writing none (e.g. no image could be read)."""
-    import itertools
+    from interleaf.data.parts import Part
+    from interleaf.data.prepare import convert
 
+    conversion = convert(
+        fmt,
+        src,
+        out,
+        part=None if part is None else Part.parse(part),
+        workers=workers,
+        shard_size=shard_size,
+        max_skip_rate=max_skip_rate,
+        image_root=image_root,
+        images=images,
+    )
+    for line in conversion.lines:
+        print(line)
+
+
+def data_urls(fmt: str, src: Path, out: Path, *, part: str | None = None, max_skip_rate: float = 0.2) -> None:
+    """Write the distinct image URLs of ``src`` (or of its part ``I/N``) to ``out`` (``.parquet``
+    with a ``url`` column, or ``.txt``), img2dataset's input."""
+    from interleaf.data.downloads import UrlList
     from interleaf.data.formats import read
+    from interleaf.data.parts import Part
     from interleaf.data.schema import DataError, SkipCounter
-    from interleaf.data.shards import write_shards
 
     if not src.exists():
         raise ValueError(f"src {src}: no such file or directory")
-    reading, writing = SkipCounter(max_skip_rate=max_skip_rate), SkipCounter(max_skip_rate=max_skip_rate)
-    options = {"image_root": image_root} if image_root is not None else {}
-    before = set(out.glob("*.tar")) if out.is_dir() else set()
+    if out.suffix not in (".parquet", ".txt"):
+        raise ValueError(f"{out}: the URL list must be a .parquet or a .txt file")
+    options = {} if part is None else {"part": Part.parse(part)}
+    reading, urls = SkipCounter(max_skip_rate=max_skip_rate), UrlList()
     try:
-        docs = read(src, fmt, counter=reading, **options)
-        first = next(docs, None)
-        if first is None:
-            raise ValueError(f"{src}: no usable {fmt} document read (is it in the {fmt} format?): {reading.report()}")
-        shards = write_shards(itertools.chain([first], docs), out, max_samples=shard_size, counter=writing)
-        if writing.seen == sum(writing.skipped.values()):
-            raise ValueError(f"{src}: wrote no {fmt} document to {out}: {writing.report()}")
-    except (FileNotFoundError, DataError, ValueError) as e:
-        for shard in set(out.glob("*.tar")) - before if out.is_dir() else ():  # no partial or empty shards stay
-            shard.unlink()
-        if out.is_dir() and not before and not any(out.iterdir()):
-            out.rmdir()
-        if isinstance(e, FileNotFoundError):  # a directory without files of the format
-            raise ValueError(f"{fmt}: {e}") from None
-        if isinstance(e, DataError):  # too many skips: the counter's verdict
-            raise ValueError(f"{src} ({fmt}): {e}") from None
-        raise
-    print(f"wrote {len(shards)} shards to {out}; read: {reading.report()}; written: {writing.report()}")
+        urls.add(read(src, fmt, counter=reading, **options))
+    except FileNotFoundError as e:  # a directory without files of the format
+        raise ValueError(f"{fmt}: {e}") from None
+    except DataError as e:  # too many skips: the counter's verdict
+        raise ValueError(f"{src} ({fmt}): {e}") from None
+    if not urls.urls and not (part is not None and reading.seen == 0):
+        raise ValueError(f"{src}: no image URL in its {fmt} documents: {reading.report()}")
+    urls.write(out)
+    where = "" if part is None else f"part {part}: "
+    print(
+        f"{where}wrote {len(urls.urls)} distinct image URLs to {out} ({urls.occurrences} image URLs in "
+        f"{urls.documents} documents, {urls.occurrences - len(urls.urls)} duplicates dropped); read: {reading.report()}"
+    )
 
 
 def data_inspect(spec: str, samples: int) -> None:
@@ -231,9 +272,15 @@ def evaluate(
     seed: int,
     batch_size: int,
     limit: int | None,
+    rank_chunk_size: int,
     out: Path,
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> None:
-    """Few-shot evaluation of a checkpoint on a task; prints the summary table."""
+    """Few-shot evaluation of a checkpoint on a task; prints the summary table. Under
+    ``torchrun --nproc_per_node N`` the queries are shared among N processes (one GPU each) and
+    rank 0 writes the results."""
+    from interleaf.eval import distributed
     from interleaf.eval.harness import EvalConfig
     from interleaf.eval.harness import evaluate as run
     from interleaf.eval.report import table
@@ -246,13 +293,27 @@ def evaluate(
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give the results JSON file to write")
     spec, support, queries = load_task(task, root)
-    cfg = EvalConfig(shots=tuple(shots), demos=demos, trials=trials, seed=seed, batch_size=batch_size, limit=limit)
+    cfg = EvalConfig(
+        shots=tuple(shots),
+        demos=demos,
+        trials=trials,
+        seed=seed,
+        batch_size=batch_size,
+        limit=limit,
+        rank_chunk_size=rank_chunk_size,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    model, processor = Flamingo.from_pretrained(model_dir), Processor.from_pretrained(model_dir)
-    rices = Rices.from_model(model, processor, cache_dir=out.parent / ".rices") if demos == "rices" else None
-    report = run(model, processor, spec, support, queries, cfg, model_name=model_dir, out=out, rices=rices)
-    print(table([report]))
-    print(f"results: {out}")
+    ranks, rank_device = distributed.join(device)
+    try:
+        model = Flamingo.from_pretrained(model_dir, device=rank_device or device, dtype=dtype)
+        processor = Processor.from_pretrained(model_dir)
+        rices = Rices.from_model(model, processor, cache_dir=out.parent / ".rices") if demos == "rices" else None
+        report = run(model, processor, spec, support, queries, cfg, model_name=model_dir, out=out, rices=rices)
+    finally:
+        distributed.leave()
+    if ranks.main:
+        print(table([report]))
+        print(f"results: {out}" + (f" ({ranks.world_size} processes)" if ranks.world_size > 1 else ""))
 
 
 def eval_report(paths: list[str], out: Path | None) -> None:
@@ -272,6 +333,31 @@ def eval_report(paths: list[str], out: Path | None) -> None:
         print(f"plot: {plot(reports, out)}")
 
 
+DEVICE_HELP = (
+    "cpu, cuda, cuda:N, or auto (default): spread over all visible GPUs when it does not fit one "
+    "(accelerate's device map), else the GPU, else the CPU; under torchrun: cuda:LOCAL_RANK"
+)
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type``: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, mps or auto, got {text!r}")
+    return text
+
+
+def placement_options(p: argparse.ArgumentParser, *, dtype_default: str | None = None, training: bool = False) -> None:
+    """``--device`` and ``--dtype``."""
+    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"] if training else ["float32", "bfloat16", "float16"],
+        default=dtype_default,
+        help="the weights' dtype"
+        + (" (bfloat16: frozen weights and autocast)" if training else " (default: as saved)"),
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="interleaf", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
@@ -281,6 +367,7 @@ def parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where every stage's output goes")
     d.add_argument("--seed", type=int, default=0)
+    placement_options(d, dtype_default="float32", training=True)
     d.add_argument(
         "--scale", type=positive_float, default=1.0, help="multiply data and steps (0.25: quick look; 2: stronger)"
     )
@@ -297,6 +384,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="end the text before this string (repeat for several)")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    placement_options(g)
 
     t = verbs.add_parser("train", help="train a model from a YAML recipe (see configs/recipes/)")
     t.add_argument("recipe", type=Path, help="a run recipe (YAML): model, data, optim, train")
@@ -324,7 +412,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--limit", type=positive_int, help="evaluate only the first N queries (default: all)")
+    e.add_argument(
+        "--rank-chunk-size",
+        type=positive_int,
+        default=64,
+        help="ranking tasks: candidates scored at once; peak memory grows with it, not with the class count",
+    )
     e.add_argument("--out", type=Path, help="results JSON (run) or plot PNG (report)")
+    placement_options(e)
 
     data = verbs.add_parser("data", help="convert, inspect and generate training data").add_subparsers(
         dest="data_verb", required=True, parser_class=Parser
@@ -336,6 +431,15 @@ def parser() -> argparse.ArgumentParser:
     dc.add_argument("--shard-size", type=positive_int, default=1000, help="documents per shard")
     dc.add_argument("--max-skip-rate", type=fraction, default=0.2, help="fail when more are skipped (0 to 1)")
     dc.add_argument("--image-root", type=existing_dir, help="where the format's image files are")
+    dc.add_argument("--part", type=part_spec, metavar="I/N", help="convert only part I (from 0) of N; see README")
+    dc.add_argument("--workers", type=positive_int, default=1, help="local processes, each converting a part")
+    dc.add_argument("--images", type=existing_dir, help="img2dataset's output folder: bytes for the URL images")
+    du = data.add_parser("urls", help="the image URLs of MMC4/OBELICS documents -> img2dataset's input")
+    du.add_argument("format", help="mmc4, obelics (any format whose images are URLs)")
+    du.add_argument("src", type=existing_path, help="a file or a directory of files in that format")
+    du.add_argument("out", type=Path, help="the URL list to write: a .parquet (column url) or a .txt file")
+    du.add_argument("--part", type=part_spec, metavar="I/N", help="only the URLs of part I (from 0) of N")
+    du.add_argument("--max-skip-rate", type=fraction, default=0.2, help="fail when more are skipped (0 to 1)")
     di = data.add_parser("inspect", help="counts and a few samples of webdataset shards")
     di.add_argument("shards", help="a directory, a glob or a brace pattern of .tar shards")
     di.add_argument("--samples", type=non_negative_int, default=3)
@@ -358,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.verb == "demo":
-            demo(args.out, args.seed, args.scale)
+            demo(args.out, args.seed, args.scale, device=args.device, dtype=args.dtype)
         elif args.verb == "eval" and args.action == "report":
             eval_report(args.results, args.out)
         elif args.verb == "eval":
@@ -374,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 batch_size=args.batch_size,
                 limit=args.limit,
+                rank_chunk_size=args.rank_chunk_size,
                 out=args.out,
+                device=args.device,
+                dtype=args.dtype,
             )
         elif args.verb == "data":
             if args.data_verb == "convert":
@@ -385,7 +492,12 @@ def main(argv: list[str] | None = None) -> int:
                     shard_size=args.shard_size,
                     max_skip_rate=args.max_skip_rate,
                     image_root=args.image_root,
+                    part=args.part,
+                    workers=args.workers,
+                    images=args.images,
                 )
+            elif args.data_verb == "urls":
+                data_urls(args.format, args.src, args.out, part=args.part, max_skip_rate=args.max_skip_rate)
             elif args.data_verb == "inspect":
                 data_inspect(args.shards, args.samples)
             else:
@@ -409,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 stop=args.stop,
                 stream_output=args.stream,
+                device=args.device,
+                dtype=args.dtype,
             )
     except (ValueError, MissingExtra) as e:
         verb = f"{args.verb} {args.data_verb}" if args.verb == "data" else args.verb

@@ -80,6 +80,8 @@ class DemoOptions:
     shots: tuple[int, ...] = (0, 2, 4, 8)
     demos: tuple[str, ...] = ("rices", "random")
     progress: bool = True
+    device: str = "auto"  # the Flamingo stages and the evaluation: auto (a GPU when there is one), cpu, cuda, cuda:N
+    dtype: str = "float32"  # bfloat16: frozen weights in bf16 and autocast in training, bf16 weights in evaluation
 
     def scaled(self) -> DemoOptions:
         """The options with documents and steps multiplied by ``scale`` (at least a few each)."""
@@ -141,18 +143,18 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     )
     stage1 = stages.run(
         "flamingo-stage1",
-        {"steps": opts.stage1_steps, "batch": opts.batch_size, "after": stages.digests},
+        {"steps": opts.stage1_steps, "batch": opts.batch_size, "dtype": opts.dtype, "after": stages.digests},
         lambda d: _stage1(d, opts, world, lm, vision),
     )
     stage2 = stages.run(
         "flamingo-stage2",
-        {"steps": opts.stage2_steps, "batch": opts.batch_size, "after": stages.digests},
+        {"steps": opts.stage2_steps, "batch": opts.batch_size, "dtype": opts.dtype, "after": stages.digests},
         lambda d: _stage2(d, opts, world, lm, vision, stage1),
     )
     model_dir = stage2 / "final"
     evaluation = stages.run(
         "eval",
-        {"shots": opts.shots, "demos": opts.demos, "after": stages.digests},
+        {"shots": opts.shots, "demos": opts.demos, "dtype": opts.dtype, "after": stages.digests},
         lambda d: _evaluate(d, opts, model_dir, world),
     )
     reports = [json.loads(p.read_text()) for p in sorted(evaluation.glob("*.json")) if p.name != "stage.json"]
@@ -161,7 +163,7 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     print(table(reports))
     figure = plot(reports, opts.out / "fewshot.png")
     print(f"\nplot: {figure}")
-    answer = _answer(model_dir, world, opts.out / "examples")
+    answer = _answer(model_dir, world, opts.out / "examples", opts)
     seconds = time.perf_counter() - start
     print(f"\ndone in {seconds:.0f}s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.times.items()))
     return {"reports": reports, "times": stages.times, "seconds": seconds, "model": model_dir, **answer}
@@ -225,6 +227,9 @@ def _recipe(where: Path, opts: DemoOptions, model: FlamingoConfig, sources: dict
             keep_last=1,
             seed=opts.seed,
             progress=opts.progress,
+            device=opts.device,
+            dtype=opts.dtype,
+            precision="bf16" if opts.dtype == "bfloat16" else "fp32",
         ),
     )
 
@@ -257,9 +262,14 @@ def _stage2(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path,
     print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")
 
 
+def _load(model_dir: Path, opts: DemoOptions) -> tuple[Flamingo, Processor]:
+    model = Flamingo.from_pretrained(model_dir, device=opts.device, dtype=opts.dtype)
+    return model, Processor.from_pretrained(model_dir)
+
+
 def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> None:
 
-    model, processor = Flamingo.from_pretrained(model_dir).eval(), Processor.from_pretrained(model_dir)
+    model, processor = _load(model_dir, opts)
     rices = Rices.from_model(model, processor, cache_dir=where / ".rices")
     for task in TASKS:
         spec, support, queries = load_task(task, world)
@@ -279,7 +289,7 @@ def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> N
             )
 
 
-def _answer(model_dir: Path, world: Path, examples: Path) -> dict[str, Any]:
+def _answer(model_dir: Path, world: Path, examples: Path, opts: DemoOptions) -> dict[str, Any]:
     """Two interleaved prompts of the held-out tasks, answered by the final model: a picture to
     name with the invented words of four demonstrations (class names ranked, as the evaluation
     does), and a caption generated for a picture of a held-out colour+shape combination (the
@@ -287,7 +297,7 @@ def _answer(model_dir: Path, world: Path, examples: Path) -> dict[str, Any]:
     pictures are written to ``examples`` with the ``interleaf generate`` command that answers
     the same prompt."""
 
-    model, processor = Flamingo.from_pretrained(model_dir).eval(), Processor.from_pretrained(model_dir)
+    model, processor = _load(model_dir, opts)
     spec, support, queries = load_task("tinyworld_classification", world)
     manifest = json.loads((world / "manifest.json").read_text())["classification"]
     colour = dict(zip(manifest["classnames"], manifest["bound_to_colours"]))
@@ -318,6 +328,7 @@ def _answer(model_dir: Path, world: Path, examples: Path) -> dict[str, Any]:
         *(f"--image {file}" for file in files),
         f"--num-beams {spec.num_beams} --max-new-tokens {spec.max_new_tokens}",
         *(f"--stop {shlex.quote(stop)}" for stop in spec.stop_strings),
+        *([f"--dtype {opts.dtype}"] if opts.dtype != "float32" else []),
     ]
     print(f"\nprompt: {prompt}")
     print(f"generated caption: {caption!r}; a reference: {queries[0].answers[0]!r}")

@@ -11,6 +11,8 @@ EXTRAS = {
     "train": "LoRA adapters (peft) and TensorBoard logging",
     "eval": "ROC AUC (scikit-learn) and pycocoevalcap's Java PTB tokenizer for CIDEr",
     "okvqa": "OK-VQA answer stemming (nltk, inflection)",
+    "deepspeed": "DeepSpeed ZeRO training (train.parallel: deepspeed)",
+    "prep": "images downloaded by URL for MMC4/OBELICS (img2dataset)",
 }
 
 

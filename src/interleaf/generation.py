@@ -151,9 +151,10 @@ def _as_tuple_stop_strings(kwargs: dict) -> dict:
 
 @torch.no_grad()
 def _decode(model, input_ids, attention_mask, pixel_values, cfg: GenerationConfig):
-    """The loop. Yields the search after every step."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    """The loop. Yields the search after every step. The prompt moves to the model's device
+    (the processor works on the CPU)."""
+    input_ids = input_ids.to(model.device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(model.device)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     if pixel_values is not None and pixel_values.shape[0] != input_ids.shape[0]:

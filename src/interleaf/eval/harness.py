@@ -25,10 +25,11 @@ import torch
 import transformers
 
 import interleaf
+from interleaf.eval import distributed
+from interleaf.eval.ranking import DEFAULT_CHUNK_SIZE, rank_candidates
 from interleaf.eval.scoring import score_task
 from interleaf.eval.task import Example, TaskSpec
 from interleaf.generation import trim_at_stop
-from interleaf.model.masks import position_ids
 
 ZERO_SHOT_TEXT_DEMOS = 2
 
@@ -41,13 +42,14 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 8
     limit: int | None = None  # evaluate only the first `limit` queries
+    rank_chunk_size: int = DEFAULT_CHUNK_SIZE  # ranking: candidates scored at once (bounds the memory)
 
     def __post_init__(self):
         if self.demos not in ("random", "rices"):
             raise ValueError(f"demos must be 'random' or 'rices', got {self.demos!r}")
         if not self.shots or any(k < 0 for k in self.shots):
             raise ValueError(f"EvalConfig.shots must be one or more shot counts >= 0, got {list(self.shots)}")
-        for name in ("trials", "batch_size"):
+        for name in ("trials", "batch_size", "rank_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
@@ -106,59 +108,8 @@ def answer_text(raw: str, spec: TaskSpec) -> str:
 
 def to_model(model, batch) -> dict:
     """The processor's tensors on the model's device (the processor works on the CPU)."""
-    device = next(model.parameters()).device
+    device = model.device  # where token inputs go (the first block of a model over several GPUs)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def rank_candidates(model, processor, prompts: list[str], images: list[list], candidates: list[list[str]]) -> list:
-    """Length-normalised log-likelihood of each candidate after each prompt.
-
-    Each prompt is encoded once; its KV cache (and its images' keys/values) serve all its
-    candidates, which run as one batch.
-    """
-
-    scores = []
-    for prompt, imgs, cands in zip(prompts, images, candidates):
-        batch = to_model(model, processor(prompt, images=imgs))
-        media = model.prepare_media(batch["input_ids"], batch["pixel_values"])
-        out = model.step(
-            batch["input_ids"],
-            history_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            media=media,
-            use_cache=True,
-        )
-        first = model.language_model.logits(out.last_hidden_state[:, -1]).float().log_softmax(-1)[0]
-        tokens = [processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands]
-        scores.append(_continuations(model, batch, media, out.cache, first, tokens, position_ids))
-    return scores
-
-
-def _continuations(model, batch, media, cache, first_logprobs, tokens: list[list[int]], position_ids) -> list[float]:
-    """Mean log-probability of each token sequence continuing the cached prompt."""
-    n, width = len(tokens), max(len(t) for t in tokens)
-    pad = model.ids.pad
-    device = batch["input_ids"].device
-    cont = torch.tensor([t + [pad] * (width - len(t)) for t in tokens], device=device)
-    valid = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], device=device)
-    logprob = first_logprobs[cont[:, 0]]
-    if width > 1:
-        cache.batch_repeat_interleave(n)
-        history = torch.cat([batch["input_ids"].expand(n, -1), cont], dim=1)
-        mask = torch.cat([batch["attention_mask"].expand(n, -1), valid], dim=1)
-        step_media = media.select(torch.zeros(n, dtype=torch.long, device=device)) if media is not None else None
-        out = model.step(
-            cont[:, :-1],
-            history_ids=history[:, :-1],
-            attention_mask=mask[:, :-1],
-            media=step_media,
-            cache=cache,
-        )
-        rest = model.language_model.logits(out.last_hidden_state).float().log_softmax(-1)
-        following = rest.gather(-1, cont[:, 1:, None])[..., 0] * valid[:, 1:]
-        logprob = logprob + following.sum(-1)
-    return (logprob / valid.sum(-1)).tolist()
 
 
 def evaluate(
@@ -176,31 +127,38 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``queries`` at every shot count and trial; returns (and writes to ``out``)
     the results. With ``out``, finished samples are appended to ``out + '.partial.jsonl'`` as
-    they come, and a rerun after a crash skips them."""
+    they come, and a rerun after a crash skips them.
+
+    In a process group (``torchrun``; see :mod:`interleaf.eval.distributed`) each rank runs
+    every N-th query and appends to its own ``.partial.rankR.jsonl``; the samples are gathered
+    after each shot count, every rank returns the whole report and rank 0 writes ``out``."""
     from tqdm import tqdm
 
+    ranks = distributed.current()
     queries = list(queries)[: cfg.limit] if cfg.limit else list(queries)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     digest = config_hash(spec, cfg, model_name)
     done = _load_partial(out, digest)
     prompter = Prompter(spec, processor)
-    ranked = rices.rank(queries, support) if (rices is not None and cfg.demos == "rices") else None
+    ranked = rices.rank(queries, support, k=max(cfg.shots)) if (rices is not None and cfg.demos == "rices") else None
     runs = [(k, t) for t in range(cfg.trials) for k in cfg.shots]
-    bar = tqdm(total=len(runs) * len(queries), desc=f"eval {spec.name}", disable=not progress)
+    mine = [i for i in range(len(queries)) if ranks.mine(i)]
+    bar = tqdm(total=len(runs) * len(mine), desc=f"eval {spec.name}", disable=not (progress and ranks.main))
     results = []
     for shots, trial in runs:
         samples = done.get((shots, trial), {})
-        bar.update(len(samples))
-        todo = [i for i, q in enumerate(queries) if q.id not in samples]
+        todo = [i for i in mine if queries[i].id not in samples]
+        bar.update(len(mine) - len(todo))
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
             for sample in _run_batch(
                 model, processor, spec, prompter, support, queries, chunk, shots, trial, cfg, ranked
             ):
                 samples[sample["id"]] = sample
-                _append_partial(out, digest, shots, trial, sample)
+                _append_partial(out, digest, shots, trial, sample, ranks)
             bar.update(len(chunk))
+        samples = distributed.gather(samples, ranks)
         ordered = [samples[q.id] for q in queries]
         results.append(
             {"shots": shots, "trial": trial, "score": score_task(spec, queries, ordered), "samples": ordered}
@@ -208,8 +166,12 @@ def evaluate(
     bar.close()
     report = _report(spec, cfg, digest, model_name, results)
     if out is not None:
-        Path(out).write_text(json.dumps(report, indent=1))
-        _partial_path(out).unlink(missing_ok=True)
+        distributed.barrier(ranks)  # every rank is past its partial file
+        if ranks.main:
+            Path(out).write_text(json.dumps(report, indent=1))
+            for partial in _partial_paths(out):
+                partial.unlink(missing_ok=True)
+        distributed.barrier(ranks)
     return report
 
 
@@ -223,7 +185,8 @@ def _run_batch(model, processor, spec, prompter, support, queries, chunk, shots,
     if spec.answer_mode == "rank":
         cands = [list(spec.fixed_candidates) if spec.candidates == "fixed" else list(q.options) for q, *_ in built]
         texts = [[spec.answer_prefix + c for c in cs] for cs in cands]
-        scores = rank_candidates(model, processor, [b[2] for b in built], [b[3] for b in built], texts)
+        prompts, images = [b[2] for b in built], [b[3] for b in built]
+        scores = rank_candidates(model, processor, prompts, images, texts, chunk_size=cfg.rank_chunk_size)
         return [
             _sample(q, demos, prompt, raw=None, answer=c[max(range(len(c)), key=s.__getitem__)], scores=dict(zip(c, s)))
             for (q, demos, prompt, _), c, s in zip(built, cands, scores)
@@ -250,15 +213,26 @@ def _sample(query: Example, demos, prompt: str, *, raw, answer: str, scores=None
     return sample
 
 
-def _partial_path(out: str | Path) -> Path:
-    return Path(f"{out}.partial.jsonl")
+def _partial_path(out: str | Path, ranks: distributed.Ranks | None = None) -> Path:
+    if ranks is None or ranks.world_size == 1:
+        return Path(f"{out}.partial.jsonl")
+    return Path(f"{out}.partial.rank{ranks.rank}.jsonl")
+
+
+def _partial_paths(out: str | Path) -> list[Path]:
+    """The partial files of ``out``: one process's and each rank's (a resumed run reads all)."""
+    out = Path(out)
+    return sorted(out.parent.glob(f"{out.name}.partial.jsonl")) + sorted(
+        out.parent.glob(f"{out.name}.partial.rank*.jsonl")
+    )
 
 
 def _load_partial(out, digest: str) -> dict[tuple[int, int], dict[str, dict]]:
     done: dict[tuple[int, int], dict[str, dict]] = {}
-    if out is None or not _partial_path(out).exists():
+    if out is None:
         return done
-    for line in _partial_path(out).read_text().splitlines():
+    lines = [line for path in _partial_paths(out) for line in path.read_text().splitlines()]
+    for line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -268,10 +242,10 @@ def _load_partial(out, digest: str) -> dict[tuple[int, int], dict[str, dict]]:
     return done
 
 
-def _append_partial(out, digest: str, shots: int, trial: int, sample: dict) -> None:
+def _append_partial(out, digest: str, shots: int, trial: int, sample: dict, ranks: distributed.Ranks) -> None:
     if out is None:
         return
-    with _partial_path(out).open("a") as f:
+    with _partial_path(out, ranks).open("a") as f:
         f.write(json.dumps({"config_hash": digest, "shots": shots, "trial": trial, "sample": sample}) + "\n")
 
 

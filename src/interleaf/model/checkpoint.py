@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from interleaf.config import FlamingoConfig
 from interleaf.hub import native
+from interleaf.model.placement import device_of, dispatch, parse_device, parse_dtype, plan_device_map
 from interleaf.model.trainable import apply_trainable
 from interleaf.model.vision import load_tower, tower_config_from_dict, tower_from_config
 from interleaf.processing import CONFIG_FILE as PROCESSOR_CONFIG
@@ -134,10 +136,13 @@ def load_lm_and_tokenizer(source: str, **kwargs):
     return lm, tokenizer
 
 
-def load_backbones(config: FlamingoConfig) -> tuple[nn.Module, object, nn.Module, object]:
-    """The LM, its tokenizer, the vision tower and its image processor named by ``config``; a
-    source that cannot be loaded is a one-line ``ValueError`` naming the field, the source and the
-    reason. Both sources' configs are read before any weights, so a wrong id fails fast."""
+def load_backbones(
+    config: FlamingoConfig, *, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, object, nn.Module, object]:
+    """The LM, its tokenizer, the vision tower and its image processor named by ``config``, with
+    their weights read in ``dtype`` (default: float32); a source that cannot be loaded is a
+    one-line ``ValueError`` naming the field, the source and the reason. Both sources' configs
+    are read before any weights, so a wrong id fails fast."""
 
     def load(field: str, what: str, fn):
         source = getattr(config, field).source
@@ -151,8 +156,8 @@ def load_backbones(config: FlamingoConfig) -> tuple[nn.Module, object, nn.Module
 
     load("lm", "language model", transformers.AutoConfig.from_pretrained)
     load("vision", "vision encoder", transformers.AutoConfig.from_pretrained)
-    lm, tokenizer = load("lm", "language model", load_lm_and_tokenizer)
-    tower = load("vision", "vision encoder", load_tower)
+    lm, tokenizer = load("lm", "language model", partial(load_lm_and_tokenizer, dtype=dtype or torch.float32))
+    tower = load("vision", "vision encoder", partial(load_tower, dtype=dtype or torch.float32))
     image_processor = load("vision", "image processor", transformers.AutoImageProcessor.from_pretrained)
     return lm, tokenizer, tower, image_processor
 
@@ -162,15 +167,36 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def load_flamingo(cls, path: str | Path, *, dtype: torch.dtype | None = None):
+def load_flamingo(
+    cls,
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | int | torch.device | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+):
     """The model of class ``cls`` (:class:`~interleaf.model.flamingo.Flamingo`) saved at ``path``
-    (a directory or hub id; upstream formats are converted, see :func:`interleaf.hub.native`)."""
+    (a directory or hub id; upstream formats are converted, see :func:`interleaf.hub.native`).
+
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``; default: as stored) and ``device``
+    (``cpu``, ``cuda``, ``cuda:1``; default: the CPU) are applied tensor by tensor as the weights
+    are read, so loading never holds more than the model in its final dtype plus one tensor
+    (a float32 copy of a bf16 model is never made). ``device_map`` (``"auto"`` or a dict, see
+    :mod:`interleaf.model.placement`) spreads the blocks over several GPUs instead.
+    """
+    dtype = parse_dtype(dtype)
+    if device == "auto":
+        device, device_map = None, device_map or "auto"
+    if device is not None and device_map is not None:
+        raise ValueError("give device (one device) or device_map (several), not both")
+    device = parse_device(device) or torch.device("cpu")
     root = native(path)
     for name in (CONFIG, WEIGHTS):
         if not (root / name).is_file():
             raise ValueError(f"{root}: not an interleaf checkpoint: {name} is missing")
     config = located_sources(FlamingoConfig.from_json(root / CONFIG), root)
-    state, kind = _read_weights(root / WEIGHTS)
+    header, kind = read_header(root / WEIGHTS)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(root)
     except (OSError, ValueError) as e:
@@ -192,19 +218,42 @@ def load_flamingo(cls, path: str | Path, *, dtype: torch.dtype | None = None):
         _tie_embeddings(lm)  # outside the context, which would copy the parameter
         with init_empty_weights():
             model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer, image_processor=image_processor)
-        _check_keys(root / WEIGHTS, state, unique_state_dict(model))
+        _check_keys(root / WEIGHTS, header, unique_state_dict(model))
+        if device_map is not None:
+            device_map, device = _planned(model, device_map, dtype, max_memory, device)
+        one_device = device
+        place = partial(device_of, device_map=device_map) if device_map is not None else (lambda name: one_device)
+        state = read_weights(root / WEIGHTS, header, dtype=dtype, place=place)
         model.load_state_dict(state, strict=False, assign=True)
+        del state
         _tie_embeddings(model.language_model.lm)
         model.trainable_names = apply_trainable(model, config.trainable)
     else:
-        lm, _, tower, backbone_processor = load_backbones(config)
+        lm, _, tower, backbone_processor = load_backbones(config, dtype=dtype)
         processor = image_processor or backbone_processor
         model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer, image_processor=processor)
-        _check_keys(root / WEIGHTS, state, {k: model.state_dict()[k] for k in model.trainable_names})
-        model.load_state_dict(state, strict=False)
-    if dtype is not None:
+        _check_keys(root / WEIGHTS, header, {k: model.state_dict()[k] for k in model.trainable_names})
+        model.load_state_dict(read_weights(root / WEIGHTS, header, dtype=dtype), strict=False)
+        if device_map is not None:
+            device_map, device = _planned(model, device_map, dtype, max_memory, device)
+        if device_map is not None:
+            for name, param in model.named_parameters():
+                param.data = param.data.to(device_of(name, device_map))
+    if dtype is not None:  # the buffers (built in float32) and anything the checkpoint did not hold
         model.to(dtype)
+    if device_map is not None:
+        dispatch(model, device_map)
+    else:
+        model.to(device)
     return model.eval()
+
+
+def _planned(model, device_map, dtype, max_memory, device) -> tuple[dict | None, torch.device]:
+    """The device map to load with, or (``"auto"`` landing on one device) none and that device."""
+    planned = plan_device_map(model, device_map, dtype=dtype, max_memory=max_memory)
+    if isinstance(device_map, str) and len(set(planned.values())) == 1:
+        return None, torch.device(next(iter(planned.values())))
+    return planned, device
 
 
 def _tie_embeddings(lm: nn.Module) -> None:
@@ -214,16 +263,91 @@ def _tie_embeddings(lm: nn.Module) -> None:
         lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
 
 
-def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], str]:
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file: its dtype, shape and byte range."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+
+def read_header(file: Path) -> tuple[dict[str, TensorEntry], str]:
+    """The tensors a safetensors file holds (without reading them) and the checkpoint's kind
+    (``full`` or ``trainable``, from the metadata). A corrupt header is a one-line error."""
     try:
-        with safe_open(file, framework="pt") as f:
-            kind = (f.metadata() or {}).get(KIND_KEY, "full")
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{file}: corrupt or unreadable weights: {e}") from None
+        with file.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise ValueError(f"header length {size}")
+            raw = json.loads(f.read(size))
+        total = file.stat().st_size
+        metadata = raw.pop("__metadata__", None) or {}
+        entries = {}
+        for name, info in raw.items():
+            begin, end = (8 + size + int(o) for o in info["data_offsets"])
+            shape = tuple(int(n) for n in info["shape"])
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if not begin <= end <= total or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r}: byte range {begin}..{end} does not fit its shape or the file")
+            entries[name] = TensorEntry(dtype, shape, begin, end)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: corrupt or unreadable weights: {one_line(e)}") from None
+    kind = metadata.get(KIND_KEY, "full")
     if kind not in ("full", "trainable"):
         raise ValueError(f"{file}: unknown {KIND_KEY}={kind!r} in the metadata")
-    return state, kind
+    return entries, kind
+
+
+def read_weights(
+    file: Path,
+    header: dict[str, TensorEntry],
+    *,
+    dtype: torch.dtype | None = None,
+    place=lambda name: None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``file``, each converted to ``dtype`` (floating tensors only) and moved to
+    ``place(name)`` before the next one is read. No memory map (a mapped file's pages would
+    count as a second copy): a tensor kept as stored is read straight into its own memory, one
+    to convert goes through a single scratch buffer, so loading holds the model in its final
+    dtype plus one tensor as stored."""
+    state, scratch = {}, None
+    try:
+        with file.open("rb") as f:
+            for name, entry in sorted(header.items(), key=lambda item: item[1].start):
+                target = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+                device = torch.device(place(name) or "cpu")
+                size = entry.end - entry.start
+                keep = target == entry.dtype and device.type == "cpu"
+                if keep:
+                    buffer = torch.empty(size, dtype=torch.uint8)
+                else:
+                    if scratch is None:
+                        scratch = torch.empty(max(e.end - e.start for e in header.values()), dtype=torch.uint8)
+                    buffer = scratch[:size]
+                f.seek(entry.start)
+                if f.readinto(memoryview(buffer.numpy())) != size:
+                    raise ValueError(f"tensor {name!r} is cut short")
+                tensor = buffer.view(entry.dtype).reshape(entry.shape)
+                state[name] = tensor if keep else tensor.to(device, target, copy=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{file}: corrupt or unreadable weights: {one_line(e)}") from None
+    return state
 
 
 def _read_hf_config(file: Path, parse=None) -> transformers.PreTrainedConfig:
@@ -236,7 +360,8 @@ def _read_hf_config(file: Path, parse=None) -> transformers.PreTrainedConfig:
         raise ValueError(f"{file}: cannot read the backbone config: {e}") from None
 
 
-def _check_keys(file: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def _check_keys(file: Path, state: dict, expected: dict[str, torch.Tensor]) -> None:
+    """The names and shapes of ``state`` (tensors, or a header's entries) against the model's."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [

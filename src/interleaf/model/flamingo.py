@@ -16,6 +16,7 @@ from interleaf.generation import generate
 from interleaf.model.checkpoint import load_backbones, load_flamingo, save_flamingo
 from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext
 from interleaf.model.masks import IGNORE_INDEX, cross_attention_mask, position_ids
+from interleaf.model.placement import parse_device, parse_dtype
 from interleaf.model.resampler import build_resampler
 from interleaf.model.trainable import apply_lora, apply_trainable
 from interleaf.model.vision import VisionEncoder
@@ -79,17 +80,32 @@ class Flamingo(nn.Module):
     # -- construction and checkpoints ------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: FlamingoConfig, *, dtype: torch.dtype | None = None) -> Flamingo:
+    def from_config(
+        cls, config: FlamingoConfig, *, dtype: str | torch.dtype | None = None, device: str | None = None
+    ) -> Flamingo:
         """Build from pretrained backbones named by ``config.lm.source`` / ``config.vision.source``,
-        all of it in ``dtype`` if given. Like ``from_pretrained``, returns the model in eval mode."""
-        lm, tokenizer, tower, image_processor = load_backbones(config)
+        all of it in ``dtype`` (``float32``, ``bfloat16``, ``float16``; default float32) on
+        ``device``. Like ``from_pretrained``, returns the model in eval mode."""
+        dtype, device = parse_dtype(dtype), parse_device(device)
+        lm, tokenizer, tower, image_processor = load_backbones(config, dtype=dtype)
         model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer, image_processor=image_processor)
-        return (model if dtype is None else model.to(dtype)).eval()
+        return model.to(device=device, dtype=dtype).eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> Flamingo:
-        """Load an interleaf checkpoint from a directory or hub id, in eval mode."""
-        return load_flamingo(cls, path, **kwargs)
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+    ) -> Flamingo:
+        """Load an interleaf checkpoint from a directory or hub id, in eval mode: in ``dtype``
+        (default: as stored), on ``device`` (``cpu``, ``cuda``, ``cuda:1``; ``auto`` = the
+        device map ``auto``), or spread over several GPUs by ``device_map`` (``"auto"`` or a
+        dict; see :mod:`interleaf.model.placement`). Weights are converted as they are read."""
+        return load_flamingo(cls, path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
 
     def save_pretrained(self, path: str | Path, *, trainable_only: bool = False) -> None:
         """Write the checkpoint and the model's processor (see :mod:`interleaf.model.checkpoint`)."""
@@ -108,6 +124,8 @@ class Flamingo(nn.Module):
         ``pixel_values`` (B, N_max, C, H, W) or, for video, (B, N_max, F, C, H, W); padding
         slots never reach the vision encoder.
         """
+        vision_device = next(self.vision.parameters()).device
+        input_ids = input_ids.to(vision_device)
         counts = (input_ids == self.ids.image).sum(-1)
         n_max = int(counts.max()) if counts.numel() else 0
         if n_max == 0:
@@ -120,6 +138,7 @@ class Flamingo(nn.Module):
             raise ValueError(
                 f"pixel_values must be (B, N, C, H, W) or (B, N, F, C, H, W), got {tuple(pixel_values.shape)}"
             )
+        pixel_values = pixel_values.to(vision_device)
         batch, slots = pixel_values.shape[:2]
         if batch != input_ids.shape[0]:
             raise ValueError(f"pixel_values hold {batch} samples for {input_ids.shape[0]} samples in input_ids")
@@ -178,12 +197,12 @@ class Flamingo(nn.Module):
     ) -> FlamingoOutput:
         """Logits over the tokenizer's vocabulary (new tokens included) and, with ``labels``
         ((B, T), -100 where ignored; see ``masks.flamingo_labels``), the next-token loss."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         media = self.prepare_media(input_ids, pixel_values)
         out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=media)
         logits = self.language_model.logits(out.last_hidden_state)
-        loss = None if labels is None else next_token_loss(logits, labels, z_loss_weight)
+        loss = None if labels is None else next_token_loss(logits, labels.to(logits.device), z_loss_weight)
         return FlamingoOutput(logits=logits, loss=loss)
 
     def step(
@@ -217,9 +236,16 @@ class Flamingo(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where token inputs go: the device of the LM's input embeddings (the first block of a
+        model spread over several devices)."""
+        return self.language_model.lm.get_input_embeddings().weight.device
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values=None, **kwargs) -> Tensor:
-        """Generated token ids (B, T_new), prompt excluded; see ``interleaf.generation.generate``."""
+        """Generated token ids (B, T_new), prompt excluded; see ``interleaf.generation.generate``.
+        Inputs may be on any device (the processor's are on the CPU): they move to the model's."""
         return generate(self, input_ids, attention_mask, pixel_values, **kwargs)
 
     def num_trainable_parameters(self) -> int:

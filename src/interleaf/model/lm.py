@@ -55,7 +55,12 @@ class CrossAttentionDecoderLayer(nn.Module):
         if media is None:
             raise RuntimeError("cross-attention layer called without media: call the LM through Flamingo")
         kv = media.kv[self.index] if media.kv is not None else None
-        hidden_states = self.xattn(hidden_states, kv, media.visible)
+        visible = media.visible
+        if kv is not None and kv.k.device != hidden_states.device:  # a model spread over devices
+            kv = MediaKV(kv.k.to(hidden_states.device), kv.v.to(hidden_states.device))
+        if visible is not None:
+            visible = visible.to(hidden_states.device)
+        hidden_states = self.xattn(hidden_states, kv, visible)
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
@@ -149,14 +154,15 @@ class LanguageModel(nn.Module):
             return table(input_ids)
         is_new = input_ids >= self.new_token_start
         base = table(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
-        extra = self.extra_embed((input_ids - self.new_token_start).clamp(min=0))
-        return torch.where(is_new[..., None], extra, base)
+        extra = self.extra_embed((input_ids - self.new_token_start).clamp(min=0)).to(base.device)
+        return torch.where(is_new[..., None].to(base.device), extra, base)
 
     def logits(self, hidden: Tensor) -> Tensor:
         head = self.lm.get_output_embeddings()
         if self.extra_head is None:
             return head(hidden)[..., : self.vocab_size]
-        return torch.cat([head(hidden)[..., : self.new_token_start], self.extra_head(hidden)], dim=-1)
+        logits = head(hidden)[..., : self.new_token_start]
+        return torch.cat([logits, self.extra_head(hidden).to(logits.device)], dim=-1)
 
     def forward(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 import transformers
 from torch import Tensor, nn
 
@@ -79,13 +80,13 @@ def tower_config_from_dict(data: dict) -> transformers.PreTrainedConfig:
     return transformers.AutoConfig.for_model(model_type, **data)
 
 
-def load_tower(source: str) -> nn.Module:
-    """Load a pretrained tower from a hub id or a local directory."""
+def load_tower(source: str, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a pretrained tower from a hub id or a local directory (in ``dtype``, default float32)."""
     try:
         config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a vision encoder from {source!r}: {e}") from None
+    model = transformers.AutoModel.from_pretrained(source, dtype=dtype or torch.float32)
     if config.model_type in _VISION_HALF:
-        model = transformers.AutoModel.from_pretrained(source)
         return getattr(model, _VISION_HALF[config.model_type])
-    return transformers.AutoModel.from_pretrained(source)
+    return model

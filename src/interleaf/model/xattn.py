@@ -35,6 +35,7 @@ class GatedCrossAttentionBlock(nn.Module):
 
         Done once per forward (and once per ``generate`` call), not at every decoding step.
         """
+        media = media.to(self.attn.k_proj.weight.device)  # this block's device (a model spread over GPUs)
         return MediaKV(*self.attn.keys_values(rearrange(media, "b n l d -> b (n l) d")))
 
     def forward(self, x: Tensor, media: MediaKV | None, visible: Tensor | None) -> Tensor:

@@ -120,6 +120,12 @@ class EvalTaskConfig:
 class TrainConfig:
     steps: int = 1000  # optimiser steps
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: torch.autocast around forward
+    # Where the run computes: "auto" (cuda:LOCAL_RANK when CUDA is there, else the CPU), "cpu",
+    # "cuda" (cuda:LOCAL_RANK), or "cuda:N" (one process only).
+    device: str = "auto"
+    # The frozen weights' dtype: bfloat16 halves the memory of a frozen LM and vision encoder;
+    # the trained parameters stay float32 for the optimiser. Other than float32 needs precision bf16.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     z_loss_weight: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -145,6 +151,13 @@ class TrainConfig:
     def __post_init__(self):
         _validate(self, ("steps", "log_every", "checkpoint_every", "keep_last"), ("eval_every",))
         _check(self, "z_loss_weight", lambda v: v >= 0, ">= 0")
+        if self.dtype != "float32" and self.precision != "bf16":
+            raise ValueError(
+                f"TrainConfig.dtype={self.dtype} keeps the frozen weights in {self.dtype}: it needs "
+                "precision: bf16 (autocast), which runs the trained float32 parts with them"
+            )
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"TrainConfig.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.eval_every and not self.eval_tasks:
             raise ValueError("TrainConfig.eval_every is set but eval_tasks is empty")
 

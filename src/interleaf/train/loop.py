@@ -206,9 +206,8 @@ class Run:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds besides the weights (collective: every rank calls it)."""
-        deepspeed = self.dist.kind == "deepspeed"
         return {
-            "optimizer": None if deepspeed else parallel.optimizer_state(self.model, self.optimizer, self.dist),
+            "optimizer": parallel.optimizer_state(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpoints.rng_state(),
             "data": parallel.gather_objects(self.loader.state_dict(), self.dist),  # indexed by rank
@@ -233,7 +232,7 @@ class Run:
                 f"train.resume: {ckpt.path} does not fit this model: {e} (a run resumes the newest checkpoint of "
                 "its train.out_dir: give a changed model another out_dir, or train.resume=never)"
             ) from None
-        if ckpt.state["optimizer"] is None or self.dist.kind == "deepspeed":
+        if ckpt.state["optimizer"] is None:
             warnings.warn(f"{ckpt.path}: the optimiser state is not restored; its moments restart", stacklevel=2)
         else:
             parallel.load_optimizer_state(self.model, self.optimizer, ckpt.state["optimizer"], self.dist)
@@ -303,6 +302,8 @@ def _train(recipe: Recipe, d: parallel.Dist, model, processor, loader) -> dict[s
         copied = checkpoints.init_weights(model, cfg.init_from)
         if d.main:
             print(f"train.init_from: loaded {len(copied)} tensors from {cfg.init_from}")
+    if cfg.dtype != "float32":
+        frozen_to(model, getattr(torch, cfg.dtype))
     if d.main:
         print(format_parameter_report(model))
     if processor is None:
@@ -314,6 +315,13 @@ def _train(recipe: Recipe, d: parallel.Dist, model, processor, loader) -> dict[s
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with _feature_cache(model, cfg.feature_cache):
         return _run(recipe, d, model, processor, loader, tasks)
+
+
+def frozen_to(model: Flamingo, dtype: torch.dtype) -> None:
+    """``train.dtype``: the frozen parameters in ``dtype``; the trained ones stay float32."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 @contextmanager
@@ -350,15 +358,16 @@ def _run(recipe: Recipe, d: parallel.Dist, model, processor, loader, tasks) -> d
 
 
 def export(run: Run, path: Path) -> Path:
-    """The final model and processor (rank 0), gathered whole from the ranks under FSDP."""
+    """The final model and processor (rank 0), gathered whole from the ranks under FSDP and DeepSpeed."""
     state = parallel.full_state_dict(run.model, run.dist)
-    if run.dist.main:
-        if state is None:
-            run.model.save_pretrained(path)
-        else:
-            keep = unique_state_dict(run.model)
-            save_flamingo(run.model, path, state={k: v for k, v in state.items() if k in keep})
-        run.processor.save_pretrained(path)
+    with parallel.gathered(run.model, run.dist):  # ZeRO-3: the model's shapes, which the save checks
+        if run.dist.main:
+            if state is None:
+                run.model.save_pretrained(path)
+            else:
+                keep = unique_state_dict(run.model)
+                save_flamingo(run.model, path, state={k: v for k, v in state.items() if k in keep})
+            run.processor.save_pretrained(path)
     parallel.barrier(run.dist)
     return path
 

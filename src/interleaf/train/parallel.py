@@ -11,8 +11,9 @@ nothing of this module; the loop calls it at a handful of places.
 - ``train.parallel``: ``auto`` (ddp with several processes, none with one), ``none``, ``ddp``,
   ``fsdp`` (FSDP2 ``fully_shard`` per cross-attention block, per decoder layer, on the
   resampler, the vision encoder and the rest; frozen and trainable parameters mix freely),
-  ``deepspeed`` (ZeRO through a JSON config; imported only when asked for). With one process
-  ddp and fsdp wrap nothing: one process holds everything.
+  ``deepspeed`` (ZeRO through a JSON config; imported only when asked for; on the CPU it runs
+  over the same gloo group). With one process ddp and fsdp wrap nothing: one process holds
+  everything.
 - Batches: ``data.batch_size`` is the global micro-batch; each rank computes its rows. The
   loss is the token-weighted mean over the global micro-batch: each rank scales its summed
   loss by ``world / global label count`` before backward, so the gradients DDP/FSDP average
@@ -36,13 +37,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from interleaf.extras import MissingExtra
 from interleaf.model.lm import checkpoint_contexts, find_decoder_layers
+from interleaf.model.placement import process_device
 from interleaf.train.config import OptimConfig, TrainConfig
 
 DEEPSPEED_MISSING = (
-    "train.parallel=deepspeed needs the deepspeed package, which is not installed "
-    "(pip install deepspeed on a CUDA machine, or use train.parallel=fsdp)"
+    "train.parallel=deepspeed needs the deepspeed package, which is not installed: "
+    "pip install deepspeed (or pip install 'interleaf[deepspeed]'), or use train.parallel=fsdp"
 )
+
+
+class DeepSpeedMissing(MissingExtra, RuntimeError):
+    """deepspeed is not installed: a :class:`MissingExtra` (the CLI prints its one line), and a
+    RuntimeError as it was before."""
 
 
 @dataclass
@@ -85,7 +93,7 @@ def require_deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise RuntimeError(DEEPSPEED_MISSING) from None
+        raise DeepSpeedMissing(DEEPSPEED_MISSING) from None
     return deepspeed
 
 
@@ -95,9 +103,12 @@ def setup(cfg: TrainConfig) -> Dist:
     kind = strategy(cfg.parallel, dist.get_world_size() if dist.is_initialized() else env_world)
     if kind == "deepspeed" and not cfg.deepspeed_config:
         raise ValueError("train.parallel=deepspeed needs train.deepspeed_config, e.g. configs/deepspeed/zero2.json")
-    cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    try:
+        device = process_device(cfg.device, local_rank, env_world)
+    except ValueError as e:
+        raise ValueError(f"train.device: {e}") from None
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     owns = False
@@ -189,8 +200,10 @@ def shard(model: nn.Module, device_mesh) -> None:
 def deepspeed_engine(
     model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, cfg: TrainConfig, optim: OptimConfig, rows: int
 ):
-    """A DeepSpeed engine over ``model`` and ``optimizer`` from ``cfg.deepspeed_config``; the
-    batch sizes, accumulation and clipping are the recipe's (``"auto"`` in the JSON files)."""
+    """A DeepSpeed engine over ``model`` and ``optimizer`` from ``cfg.deepspeed_config``, joining
+    the process group of :func:`setup`. The batch sizes, accumulation, clipping and bf16 are the
+    recipe's (``"auto"`` in the JSON files): ``train.precision=bf16`` turns on DeepSpeed's bf16
+    (bf16 weights, fp32 master weights in the optimiser), fp32 keeps everything in fp32."""
     deepspeed = require_deepspeed()
     config = json.loads(Path(cfg.deepspeed_config).read_text())
     config.update(
@@ -198,8 +211,23 @@ def deepspeed_engine(
         gradient_accumulation_steps=optim.accumulation,
         train_batch_size=rows * optim.accumulation * d.world_size,
         gradient_clipping=optim.grad_clip,
+        bf16={**config.get("bf16", {}), "enabled": cfg.precision == "bf16"},
     )
+    # ZeRO replaces each group's parameters by one flat partition: keep their names for checkpoints
+    names = {p: n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        group["param_names"] = [names[p] for p in group["params"]]
+    if d.device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (minutes on a small
+        # machine) that only its inference all-reduce uses; training reduces through the gloo group
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # ZeRO gathers its updated partitions with all_gather_into_tensor, which torch 2.13 deprecates (for
+    # all_gather_single) with a FutureWarning per call; DeepSpeed's to change, not ours
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if not _zero_partitioned(model):  # ZeRO stage 0 in fp32: DeepSpeed steps the optimiser as it is
+        for group in optimizer.param_groups:
+            del group["param_names"]
     return engine
 
 
@@ -271,18 +299,23 @@ def _is_dtensor(t: Tensor) -> bool:
 
 
 def trainable_weights(model: nn.Module, d: Dist) -> dict[str, Tensor]:
-    """The full trainable weights on the CPU, by parameter name (collective under FSDP and ZeRO-3)."""
+    """The full trainable weights on the CPU, by parameter name (collective under FSDP and ZeRO)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    gathered = contextlib.nullcontext()
-    if d.kind == "deepspeed":
-        gathered = require_deepspeed().zero.GatheredParameters([p for _, p in params])
-    with gathered:
-        return {n: (p.full_tensor() if _is_dtensor(p) else p).detach().cpu().clone() for n, p in params}
+    if _zero_partitioned(model):  # the optimiser's fp32 master weights, gathered from their partitions
+        full = require_deepspeed().utils.safe_get_full_fp32_param
+        return {n: full(p).detach().cpu().clone() for n, p in params}
+    return {n: (p.full_tensor() if _is_dtensor(p) else p).detach().cpu().clone() for n, p in params}
 
 
 def load_trainable_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    """Copy full trainable weights into the (possibly sharded) model; names must match exactly."""
+    """Copy full trainable weights into the (possibly sharded) model, and into the fp32 master
+    weights of a DeepSpeed ZeRO optimiser; names must match exactly."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        raise RuntimeError(
+            "train.resume under DeepSpeed ZeRO-3 is not supported (its weights are partitioned): "
+            "resume with configs/deepspeed/zero2.json, fsdp or ddp"
+        )
     if set(params) != set(weights):
         diff = sorted(set(params) ^ set(weights))
         raise ValueError(f"checkpoint weights do not match the model's trainable parameters, e.g. {diff[:3]}")
@@ -301,10 +334,15 @@ def load_trainable_weights(model: nn.Module, weights: dict[str, Tensor]) -> None
                 param.to_local().copy_(full)
             else:
                 param.copy_(full)
+            if hasattr(param, "_hp_mapping"):  # ZeRO-1/2: this rank's slice of the fp32 master copy
+                require_deepspeed().utils.safe_set_full_fp32_param(param, weights[name].to(param.device))
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
-    """The optimiser state keyed by parameter name, gathered whole (on rank 0 under FSDP)."""
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any] | None:
+    """The optimiser state keyed by parameter name, gathered whole (on rank 0 under FSDP); None
+    under DeepSpeed ZeRO-3, whose partitioned state is not gathered."""
+    if _zero_partitioned(model):
+        return _zero_optimizer_state(model, optimizer)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=d.kind == "fsdp")
@@ -313,6 +351,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist)
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], d: Dist) -> None:
     """Restore a state of :func:`optimizer_state`, whatever the world size that wrote it."""
+    if _zero_partitioned(model):
+        _load_zero_optimizer_state(model, optimizer, state)
+        return
     if d.kind == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -333,6 +374,86 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     )
 
 
+def _zero_partitioned(model: nn.Module) -> bool:
+    """Whether a DeepSpeed ZeRO optimiser (or its bf16 optimiser) keeps the fp32 master weights
+    and the moments of ``model``'s parameters in flat partitions (not so under ZeRO stage 0 in fp32,
+    where DeepSpeed steps the optimiser as it is)."""
+    return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _zero_groups(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Per parameter group of a ZeRO-1/2 optimiser: its flat fp32 partition on this rank, and
+    its model parameters by name (as :func:`deepspeed_engine` recorded them); None under ZeRO-3."""
+    params = dict(model.named_parameters())
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        return None
+    return [(group["params"][0], {n: params[n] for n in group["param_names"]}) for group in optimizer.param_groups]
+
+
+def _zero_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The state of a ZeRO-1/2 optimiser in the layout of :func:`optimizer_state`: every rank's
+    slices of the moments, gathered per parameter (collective); scalars (``step``) are per group."""
+    groups = _zero_groups(model, optimizer)
+    if groups is None:
+        return None
+    utils = require_deepspeed().utils
+    state: dict[str, dict[str, Any]] = {}
+    for flat, params in groups:
+        flat_state = optimizer.state.get(flat, {})  # empty before the first step
+        if not flat_state:
+            continue
+        # link the parameters to the moments again: DeepSpeed 0.19 links every group after the
+        # first group's first step, when the later groups have no state yet, and never again
+        utils.lazy_init_hp_params_optimizer_state(list(params.values()), flat, optimizer.state)
+        for name, param in params.items():
+            state[name] = {
+                key: utils.safe_get_full_optimizer_state(param, key).cpu().clone()
+                if _flat_sized(value, flat)
+                else value.clone()
+                for key, value in flat_state.items()
+            }
+    param_groups = [
+        {**{k: v for k, v in group.items() if k not in ("params", "param_names")}, "params": group["param_names"]}
+        for group in optimizer.param_groups
+    ]
+    return {"state": state, "param_groups": param_groups}
+
+
+def _flat_sized(value: Any, flat: Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == flat.shape
+
+
+def _load_zero_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Scatter a state of :func:`optimizer_state` into a ZeRO-1/2 optimiser's flat partitions:
+    each rank creates its partition's state (as the optimiser's first step would) and copies its
+    slice of every parameter's moments."""
+    groups = _zero_groups(model, optimizer)
+    if groups is None:
+        raise RuntimeError("the optimiser state of a DeepSpeed ZeRO-3 run cannot be restored")
+    utils = require_deepspeed().utils
+    saved_groups = state["param_groups"]
+    if [set(g["params"]) for g in saved_groups] != [set(params) for _, params in groups]:
+        raise ValueError("the checkpoint's optimiser state holds other parameters than the model's trainable ones")
+    for (flat, params), group, saved in zip(groups, optimizer.param_groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+        moments = {n: state["state"][n] for n in params if n in state["state"]}
+        if not moments:
+            continue
+        first = next(iter(moments.values()))  # a group's scalars (its step) are one on the partition
+        optimizer.state[flat] = {
+            key: torch.zeros_like(flat) if _param_sized(value) else value.clone() for key, value in first.items()
+        }
+        utils.lazy_init_hp_params_optimizer_state(list(params.values()), flat, optimizer.state)
+        for name, values in moments.items():
+            for key, value in values.items():
+                if _param_sized(value):
+                    utils.safe_set_full_optimizer_state(params[name], value.to(flat), key)
+
+
+def _param_sized(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0
+
+
 def full_state_dict(model: nn.Module, d: Dist) -> dict[str, Tensor] | None:
     """The whole model's state on rank 0 (None elsewhere) for the final export under FSDP or
     DeepSpeed; None otherwise (the model's own tensors are whole)."""
@@ -342,9 +463,22 @@ def full_state_dict(model: nn.Module, d: Dist) -> dict[str, Tensor] | None:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if d.main else None
     if d.kind == "deepspeed":
-        with require_deepspeed().zero.GatheredParameters(list(model.parameters())):
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if d.main else None
+        trainable = trainable_weights(model, d)  # the fp32 master weights, not their bf16 copies
+        with gathered(model, d):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if d.main else None
+        return {**state, **trainable} if d.main else None
     return None
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, d: Dist):
+    """The whole weights on every rank for the duration, under DeepSpeed ZeRO-3 (which partitions
+    them); nothing to do otherwise (collective under DeepSpeed)."""
+    if d.kind != "deepspeed":
+        yield
+        return
+    with require_deepspeed().zero.GatheredParameters(list(model.parameters())):
+        yield
 
 
 @contextlib.contextmanager
