@@ -348,7 +348,13 @@ def device_name(text: str) -> str:
 
 def placement_options(p: argparse.ArgumentParser, *, dtype_default: str | None = None, training: bool = False) -> None:
     """``--device`` and ``--dtype``."""
-    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+    help_text = (
+        "the Flamingo stages and the evaluation: auto (default: a GPU when there is one, else the CPU), cpu, "
+        "cuda, cuda:N; the tiny world and the backbones' pretraining stay on the CPU"
+        if training
+        else DEVICE_HELP
+    )
+    p.add_argument("--device", type=device_name, default="auto", help=help_text)
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"] if training else ["float32", "bfloat16", "float16"],
@@ -406,19 +412,27 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="an interleaf checkpoint directory or hub id")
     e.add_argument("--task", help="a built-in task name or a task YAML file")
     e.add_argument("--root", type=existing_dir, help="the task's data directory (where its files are)")
-    e.add_argument("--shots", type=non_negative_int, nargs="+", default=[0, 4])
-    e.add_argument("--demos", choices=["random", "rices"], default="random")
-    e.add_argument("--trials", type=positive_int, default=1)
+    e.add_argument("--shots", type=non_negative_int, nargs="+", default=[0, 4], help="shot counts (default: 0 4)")
+    e.add_argument(
+        "--demos", choices=["random", "rices"], default="random", help="how demonstrations are chosen (default: random)"
+    )
+    e.add_argument("--trials", type=positive_int, default=1, help="repeats with other random demonstrations")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--batch-size", type=positive_int, default=8, help="queries per batch (results do not change)")
     e.add_argument("--limit", type=positive_int, help="evaluate only the first N queries (default: all)")
     e.add_argument(
         "--rank-chunk-size",
         type=positive_int,
         default=64,
-        help="ranking tasks: candidates scored at once; peak memory grows with it, not with the class count",
+        help="ranking tasks: candidates scored at once (default: 64); peak memory grows with it, not with the "
+        "class count; results do not change",
     )
-    e.add_argument("--out", type=Path, help="results JSON (run) or plot PNG (report)")
+    e.add_argument(
+        "--out",
+        type=Path,
+        help="results JSON (run; finished samples go to OUT.partial*.jsonl first, and a rerun resumes from them) "
+        "or plot PNG (report)",
+    )
     placement_options(e)
 
     data = verbs.add_parser("data", help="convert, inspect and generate training data").add_subparsers(

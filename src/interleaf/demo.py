@@ -48,6 +48,7 @@ from interleaf.eval.report import plot, table
 from interleaf.eval.rices import Rices
 from interleaf.eval.tasks import load_task
 from interleaf.model.flamingo import Flamingo
+from interleaf.model.placement import process_device
 from interleaf.processing import Processor
 from interleaf.train.backbones import (
     LMPretraining,
@@ -133,6 +134,7 @@ class Stages:
 def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     """Run every stage (skipping finished ones); return the reports, timings and the answer."""
     start = time.perf_counter()
+    process_device(opts.device)  # a device this machine lacks fails here, before any stage runs
     opts = opts.scaled()
     stages = Stages(opts.out)
     world = stages.run("world", _world_config(opts), lambda d: _write_world(d, opts))

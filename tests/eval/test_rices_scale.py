@@ -276,3 +276,16 @@ def test_ranking_memory_is_bounded_by_the_chunks_not_queries_x_support():
     assert out[2:] == ["(2000,", "8)"]
     assert control > 200, f"the probe did not see a 256 MiB allocation ({control:.0f} MiB)"
     assert ranked < 128, f"ranking grew peak memory by {ranked:.0f} MiB"
+
+
+def test_the_model_encoder_name_tells_weights_and_dtype_apart(make_model):
+    """Two models of one vision source but other vision weights (or dtype) never share cached
+    embeddings: the encoder's name carries a fingerprint of its weights and its dtype."""
+    first, second = make_model(), make_model()
+    processor = None
+    same = Rices.from_model(first, processor).name == Rices.from_model(second, processor).name
+    with torch.no_grad():
+        next(second.vision.parameters()).add_(1e-3)
+    changed = Rices.from_model(second, processor).name
+    assert same and changed != Rices.from_model(first, processor).name
+    assert Rices.from_model(first.to(torch.bfloat16), processor).name.count("bfloat16") == 1

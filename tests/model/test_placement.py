@@ -166,8 +166,28 @@ def test_a_device_map_that_does_not_fit_names_the_missing_memory(make_model):
 
 def test_a_device_map_that_misses_a_module_is_one_line(saved):
     _, path = saved
-    with pytest.raises(ValueError, match="device_map: "):
+    with pytest.raises(ValueError, match=r"device_map does not place \d+ parameter\(s\), e.g. resampler"):
         Flamingo.from_pretrained(path, device_map={"vision": "cpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:0': CUDA is not available here"):
+            Flamingo.from_pretrained(path, device_map={"": 0})
+    with pytest.raises(ValueError, match="max_memory bounds a device map"):
+        Flamingo.from_pretrained(path, max_memory={"cpu": "1GiB"})
+
+
+def test_a_checkpoint_of_mixed_dtypes_loads_in_float32(saved, tmp_path):
+    """A run with train.dtype=bfloat16 exports frozen weights in bf16 and trained ones in
+    float32; loaded "as stored" it would not run outside autocast, so it loads in float32."""
+    model, _ = saved
+    for param in model.vision.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "mixed")
+    loaded = Flamingo.from_pretrained(tmp_path / "mixed")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    loaded(*encode(loaded, TEXTS))
+    assert {p.dtype for p in Flamingo.from_pretrained(tmp_path / "mixed", dtype="bf16").parameters()} == {
+        torch.bfloat16
+    }
 
 
 def test_a_corrupt_header_is_one_line(saved):

@@ -16,6 +16,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,9 +57,17 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.limit must be >= 1 (or None: all queries), got {self.limit}")
 
 
-def config_hash(spec: TaskSpec, cfg: EvalConfig, model_name: str) -> str:
-    blob = json.dumps({"task": asdict(spec), "eval": asdict(cfg), "model": model_name}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+NOT_IN_HASH = ("batch_size", "rank_chunk_size")  # they change no result (tested), only speed and memory
+
+
+def config_hash(spec: TaskSpec, cfg: EvalConfig, model_name: str, dtype: str = "") -> str:
+    """What identifies a run's results: the task, the settings that change them, the model and
+    its dtype. A partial file resumes only a run of the same hash."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_HASH}
+    blob = {"task": asdict(spec), "eval": settings, "model": model_name}
+    if dtype:
+        blob["dtype"] = dtype
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Prompter:
@@ -138,8 +147,12 @@ def evaluate(
     queries = list(queries)[: cfg.limit] if cfg.limit else list(queries)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    digest = config_hash(spec, cfg, model_name)
+    dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    digest = config_hash(spec, cfg, model_name, dtype)
     done = _load_partial(out, digest)
+    if done and ranks.main:
+        count = sum(len(samples) for samples in done.values())
+        print(f"eval {spec.name}: resuming: {count} finished samples read from {out}.partial*", file=sys.stderr)
     prompter = Prompter(spec, processor)
     ranked = rices.rank(queries, support, k=max(cfg.shots)) if (rices is not None and cfg.demos == "rices") else None
     runs = [(k, t) for t in range(cfg.trials) for k in cfg.shots]
@@ -165,6 +178,7 @@ def evaluate(
         )
     bar.close()
     report = _report(spec, cfg, digest, model_name, results)
+    report["config"]["model"] = {"dtype": dtype, "device": str(getattr(model, "device", ""))}
     if out is not None:
         distributed.barrier(ranks)  # every rank is past its partial file
         if ranks.main:

@@ -247,7 +247,8 @@ class Rices:
             pixels = processor.preprocess_images(images).to(device, model.dtype)
             return model.vision(pixels).float().mean(dim=1).cpu()
 
-        return cls(encode, name=f"vision-{model.config.vision.source or 'model'}", **kwargs)
+        name = f"vision-{model.config.vision.source or 'model'}-{str(model.dtype).removeprefix('torch.')}"
+        return cls(encode, name=f"{name}-{weights_fingerprint(model.vision)}", **kwargs)
 
     def embed(self, examples: Sequence[Example]) -> torch.Tensor:
         """(N, D) unit-norm embeddings; each distinct image content is encoded at most once,
@@ -335,3 +336,16 @@ def _load(ex: Example):
 
 def _digest(ex: Example) -> bytes:
     return hashlib.sha256(_raw(ex)).digest()
+
+
+def weights_fingerprint(module: torch.nn.Module, sample: int = 4096) -> str:
+    """A short digest of a module's weights (names, shapes, dtypes, and the first and last
+    ``sample`` values of each): two encoders with the same source but other weights, or
+    another dtype, never share cached embeddings."""
+    digest = hashlib.sha256()
+    for name, param in module.state_dict().items():
+        flat = param.detach().reshape(-1)
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        for part in (flat[:sample], flat[-sample:]):
+            digest.update(part.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]

@@ -179,7 +179,8 @@ def load_flamingo(
     """The model of class ``cls`` (:class:`~interleaf.model.flamingo.Flamingo`) saved at ``path``
     (a directory or hub id; upstream formats are converted, see :func:`interleaf.hub.native`).
 
-    ``dtype`` (``float32``, ``bfloat16``, ``float16``; default: as stored) and ``device``
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``; default: as stored, or float32 for a
+    checkpoint that mixes dtypes) and ``device``
     (``cpu``, ``cuda``, ``cuda:1``; default: the CPU) are applied tensor by tensor as the weights
     are read, so loading never holds more than the model in its final dtype plus one tensor
     (a float32 copy of a bf16 model is never made). ``device_map`` (``"auto"`` or a dict, see
@@ -195,8 +196,15 @@ def load_flamingo(
     for name in (CONFIG, WEIGHTS):
         if not (root / name).is_file():
             raise ValueError(f"{root}: not an interleaf checkpoint: {name} is missing")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory bounds a device map: pass device_map='auto' (or a dict) with it")
     config = located_sources(FlamingoConfig.from_json(root / CONFIG), root)
     header, kind = read_header(root / WEIGHTS)
+    stored = {entry.dtype for entry in header.values() if entry.dtype.is_floating_point}
+    if dtype is None and len(stored) > 1:
+        # e.g. a run with train.dtype=bfloat16: frozen weights in bf16, trained ones in float32.
+        # One dtype is needed outside autocast; float32 loses nothing (pass dtype to choose).
+        dtype = torch.float32
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(root)
     except (OSError, ValueError) as e:

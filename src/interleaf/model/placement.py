@@ -52,6 +52,8 @@ def parse_device(value: str | int | torch.device | None) -> torch.device | None:
         return None
     if value == "auto":
         raise ValueError("device 'auto' is a device map: pass device_map='auto' (the CLI's --device auto does)")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"cuda:{value}"  # a GPU index, as device maps write it
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
@@ -122,10 +124,16 @@ def plan_device_map(
         )
     else:
         planned = dict(device_map)
-        try:
-            check_device_map(model, planned)
-        except ValueError as e:
-            raise ValueError(f"device_map: {' '.join(str(e).split())}") from None
+        for where in set(planned.values()):
+            if where != "disk":
+                parse_device(where)  # one line for a device this machine does not have
+        uncovered = [name for name, _ in model.named_parameters() if _placed(name, planned) is None]
+        if uncovered:
+            raise ValueError(
+                f"device_map does not place {len(uncovered)} parameter(s), e.g. {', '.join(uncovered[:3])}: "
+                'name their modules or give a default with "" (e.g. {"": 0, "vision": 1})'
+            )
+        check_device_map(model, planned)
     offloaded = sorted(name for name, where in planned.items() if where == "disk")
     if offloaded:
         need = sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters())
@@ -170,14 +178,20 @@ def _with_tied_together(model: nn.Module, device_map: DeviceMap) -> DeviceMap:
     return fixed
 
 
-def device_of(name: str, device_map: Mapping[str, Any]) -> Any:
-    """The device ``device_map`` gives to the tensor or module ``name`` (its longest prefix)."""
+def _placed(name: str, device_map: Mapping[str, Any]) -> Any:
     parts = name.split(".")
     for end in range(len(parts), -1, -1):
         prefix = ".".join(parts[:end])
         if prefix in device_map:
             return device_map[prefix]
-    raise ValueError(f"device_map does not place {name!r}")
+    return None
+
+
+def device_of(name: str, device_map: Mapping[str, Any]) -> Any:
+    """The device ``device_map`` gives to the tensor or module ``name`` (its longest prefix; a
+    buffer of a module the map leaves out, e.g. rotary frequencies, goes to the first device)."""
+    where = _placed(name, device_map)
+    return where if where is not None else next(iter(device_map.values()))
 
 
 def dispatch(model: nn.Module, device_map: DeviceMap) -> nn.Module:

@@ -103,6 +103,11 @@ def setup(cfg: TrainConfig) -> Dist:
     kind = strategy(cfg.parallel, dist.get_world_size() if dist.is_initialized() else env_world)
     if kind == "deepspeed" and not cfg.deepspeed_config:
         raise ValueError("train.parallel=deepspeed needs train.deepspeed_config, e.g. configs/deepspeed/zero2.json")
+    if kind == "deepspeed" and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        raise ValueError(
+            "train.parallel=deepspeed runs under a launcher (without one DeepSpeed looks for MPI): "
+            "torchrun --nproc_per_node N -m interleaf train RECIPE ... (N=1 for one process)"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
         device = process_device(cfg.device, local_rank, env_world)
