@@ -195,7 +195,7 @@ def test_urls_img2dataset_convert_through_the_cli(world, site):
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()
     assert line.startswith(f"wrote 1 shards (3 documents) to {out}; read: 7 samples, none skipped; ")
-    assert "written: 7 samples, skipped failed_to_download: 2 (e.g. document 'b': image" in line
+    assert "checked before writing: 7 samples, skipped failed_to_download: 2 (e.g. document 'b': image" in line
     assert "failed_to_resize: 1" in line and "not_downloaded: 1" in line
     assert line.endswith(
         f"images from {images}: 5 joined, 4 failed: failed_to_download: 2 ('HTTP Error 404: Not Found' x1, "

@@ -266,7 +266,7 @@ def _line(job: Job, result: PartResult, files: list[Path]) -> str:
 def _summary(job: Job, result: PartResult, naming: str = "") -> str:
     text = (
         f"wrote {len(result.shards)} shards ({result.documents} documents) to {job.out}{naming}; "
-        f"read: {result.reading.report()}; written: {result.writing.report()}"
+        f"read: {result.reading.report()}; checked before writing: {result.writing.report()}"
     )
     if result.images is not None:
         text += f"; images from {job.images}: {result.images.report()}"

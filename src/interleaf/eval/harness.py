@@ -157,7 +157,8 @@ def evaluate(
     ranked = rices.rank(queries, support, k=max(cfg.shots)) if (rices is not None and cfg.demos == "rices") else None
     runs = [(k, t) for t in range(cfg.trials) for k in cfg.shots]
     mine = [i for i in range(len(queries)) if ranks.mine(i)]
-    bar = tqdm(total=len(runs) * len(mine), desc=f"eval {spec.name}", disable=not (progress and ranks.main))
+    share = f" (rank 0's share, {ranks.world_size} processes)" if ranks.world_size > 1 else ""
+    bar = tqdm(total=len(runs) * len(mine), desc=f"eval {spec.name}{share}", disable=not (progress and ranks.main))
     results = []
     for shots, trial in runs:
         samples = done.get((shots, trial), {})
