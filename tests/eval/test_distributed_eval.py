@@ -39,7 +39,8 @@ def free_port() -> int:
 )
 def test_two_processes_write_one_file_equal_to_one_process(setup, tmp_path, task, extra):
     args = ["eval", "--model", str(setup / "ckpt"), "--task", task, "--root", str(setup / "world")]
-    args += ["--shots", "0", "2", "--batch-size", "2", *extra]
+    # batch size 1: every prompt runs alone in both runs (the same shapes), so results compare exactly
+    args += ["--shots", "0", "2", "--batch-size", "1", *extra]
     assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "interleaf"]
@@ -56,8 +57,7 @@ def test_two_processes_write_one_file_equal_to_one_process(setup, tmp_path, task
         assert [s["id"] for s in a["samples"]] == [s["id"] for s in b["samples"]]
         for x, y in zip(a["samples"], b["samples"]):
             assert (x["demos"], x["prompt"], x["answer"]) == (y["demos"], y["prompt"], y["answer"])
-            for candidate, score in (x.get("scores") or {}).items():  # another batch, the same math
-                assert abs(score - y["scores"][candidate]) < 1e-5
+            assert x.get("scores") == y.get("scores")
 
 
 def test_each_rank_runs_every_nth_query_only(setup, monkeypatch):
@@ -69,7 +69,7 @@ def test_each_rank_runs_every_nth_query_only(setup, monkeypatch):
     model = Flamingo.from_pretrained(setup / "ckpt")
     processor = Processor.from_pretrained(setup / "ckpt")
     spec, support, queries = load_task("tinyworld_classification", setup / "world")
-    cfg = harness.EvalConfig(shots=(2,), batch_size=2)
+    cfg = harness.EvalConfig(shots=(2,), batch_size=1)  # each prompt alone: the same shapes in both runs
     whole = harness.evaluate(model, processor, spec, support, queries, cfg, progress=False)
     everything = {s["id"]: s for s in whole["results"][0]["samples"]}
     computed = []

@@ -12,7 +12,7 @@ import torch
 
 from interleaf import Flamingo
 from interleaf.model.checkpoint import read_header
-from interleaf.model.placement import device_of, parse_device, parse_dtype, plan_device_map
+from interleaf.model.placement import as_device, device_of, parse_device, parse_dtype, plan_device_map
 from interleaf.tiny import build_lm, build_tokenizer, build_vision
 
 from conftest import TEXTS, encode, tiny_config
@@ -60,6 +60,12 @@ def test_a_bf16_checkpoint_loads_as_stored_bit_for_bit(saved, tmp_path):
         if name in header:
             assert tensor.dtype == torch.bfloat16
             assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_device_map_values_as_devices():
+    """A map writes GPU 0 as 0, which is falsy: it must still be cuda:0, not the CPU."""
+    assert as_device(0) == torch.device("cuda", 0) and as_device(1) == torch.device("cuda", 1)
+    assert as_device(None) == torch.device("cpu") and as_device("cpu") == torch.device("cpu")
 
 
 def test_float16_and_float32_names_and_errors():

@@ -31,7 +31,7 @@ from torch import nn
 
 from interleaf.config import FlamingoConfig
 from interleaf.hub import native
-from interleaf.model.placement import device_of, dispatch, parse_device, parse_dtype, plan_device_map
+from interleaf.model.placement import as_device, device_of, dispatch, parse_device, parse_dtype, plan_device_map
 from interleaf.model.trainable import apply_trainable
 from interleaf.model.vision import load_tower, tower_config_from_dict, tower_from_config
 from interleaf.processing import CONFIG_FILE as PROCESSOR_CONFIG
@@ -260,7 +260,7 @@ def _planned(model, device_map, dtype, max_memory, device) -> tuple[dict | None,
     """The device map to load with, or (``"auto"`` landing on one device) none and that device."""
     planned = plan_device_map(model, device_map, dtype=dtype, max_memory=max_memory)
     if isinstance(device_map, str) and len(set(planned.values())) == 1:
-        return None, torch.device(next(iter(planned.values())))
+        return None, as_device(next(iter(planned.values())))
     return planned, device
 
 
@@ -339,7 +339,7 @@ def read_weights(
         with file.open("rb") as f:
             for name, entry in sorted(header.items(), key=lambda item: item[1].start):
                 target = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
-                device = torch.device(place(name) or "cpu")
+                device = as_device(place(name))  # not `or "cpu"`: GPU 0 is written 0
                 size = entry.end - entry.start
                 keep = target == entry.dtype and device.type == "cpu"
                 if keep:

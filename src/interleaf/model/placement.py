@@ -81,6 +81,15 @@ def process_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     return parse_device(name)
 
 
+def as_device(where: Any) -> torch.device:
+    """A device map's value as a torch device: a GPU index (``0``) is ``cuda:0``, None the CPU."""
+    if where is None:
+        return torch.device("cpu")
+    if isinstance(where, int) and not isinstance(where, bool):
+        return torch.device("cuda", where)
+    return torch.device(where)
+
+
 def no_split_classes(model: nn.Module) -> list[str]:
     """Class names of the blocks a device map must keep whole: the decoder layers (with their
     cross-attention), the vision tower's layers (each backbone's own ``_no_split_modules``) and
