@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from interleaf.generation import GenerationConfig, _StopRule, decode, stream, trim_at_stop
+from interleaf.generation import GenerationConfig, StopRule, decode, stream, trim_at_stop
 from interleaf.tiny import build_tokenizer
 
 from conftest import TEXTS, encode
@@ -72,13 +72,13 @@ def test_empty_stop_strings_are_rejected():
         GenerationConfig(stop_strings=("",))
 
 
-# -- _StopRule ---------------------------------------------------------------------------------
+# -- StopRule ---------------------------------------------------------------------------------
 
 
-def stop_rule(tokenizer, *stops: str) -> _StopRule:
+def stop_rule(tokenizer, *stops: str) -> StopRule:
     ids = SimpleNamespace(eos=tokenizer.eos_token_id, end_of_chunk=None)
     model = SimpleNamespace(ids=ids, tokenizer=tokenizer)
-    return _StopRule(model, GenerationConfig(stop_strings=stops))
+    return StopRule(model, GenerationConfig(stop_strings=stops))
 
 
 def test_stop_rule_finds_a_stop_string_spanning_more_than_32_tokens(tokenizer):

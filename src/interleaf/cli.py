@@ -42,6 +42,7 @@ def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[st
 positive_int = _checked(int, lambda v: v >= 1, ">= 1")
 non_negative_int = _checked(int, lambda v: v >= 0, ">= 0")
 positive_float = _checked(float, lambda v: v > 0, "> 0")
+non_negative_float = _checked(float, lambda v: v >= 0, ">= 0")
 fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 top_p_fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
@@ -128,6 +129,44 @@ def generate(
         return
     ids = model.generate(**batch, **settings)
     print(decode(processor.tokenizer, ids, stop)[0])
+
+
+def chat(model_dir: str, *, max_new_tokens: int, temperature: float, seed: int | None, device: str, dtype) -> None:
+    """A conversation in the terminal (see :mod:`interleaf.serve.chat`)."""
+    from interleaf.serve.api import load
+    from interleaf.serve.chat import ChatSession, run
+
+    ChatSession.check(max_new_tokens=max_new_tokens, temperature=temperature)
+    model, processor = load(model_dir, device=device, dtype=dtype)
+    run(ChatSession(model, processor, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+
+
+def serve(model_dir: str, args: argparse.Namespace) -> None:
+    """The OpenAI-compatible server and its chat page (see :mod:`interleaf.serve.api`)."""
+    from interleaf.extras import require
+
+    require("fastapi", "interleaf serve", "serve")
+    require("uvicorn", "interleaf serve", "serve")
+    from interleaf.serve.api import ServeOptions, run
+    from interleaf.serve.protocol import Limits
+
+    limits = Limits(**{name: getattr(args, name) for name in SERVE_LIMITS})
+    key = args.api_key if args.api_key is not None else os.environ.get("INTERLEAF_API_KEY") or None
+    name = args.model_name or Path(model_dir.rstrip("/")).name or model_dir
+    options = ServeOptions(model_name=name, api_key=key, allow_remote_images=args.allow_remote_images, limits=limits)
+    run(model_dir, host=args.host, port=args.port, options=options, device=args.device, dtype=args.dtype)
+
+
+SERVE_LIMITS = {
+    "max_request_bytes": (20 * 2**20, "request body bytes"),
+    "max_image_bytes": (10 * 2**20, "bytes of one image"),
+    "max_image_pixels": (16_000_000, "pixels of one image (larger ones are refused from their header)"),
+    "max_images": (8, "images in one request"),
+    "max_prompt_tokens": (4096, "tokens of a prompt"),
+    "max_tokens": (1024, "tokens a request may ask for (and gets when it does not say)"),
+    "max_batch_size": (16, "requests decoded together"),
+    "max_waiting": (64, "requests queued beyond those; more get a 429"),
+}
 
 
 def train(recipe_path: Path, overrides: list[str]) -> None:
@@ -392,6 +431,35 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
     placement_options(g)
 
+    ch = verbs.add_parser("chat", help="talk to a model in the terminal (/image PATH, /reset, /quit)")
+    ch.add_argument("--model", required=True, help="an interleaf checkpoint directory or hub id")
+    ch.add_argument("--max-new-tokens", type=positive_int, default=256, help="the longest answer (default: 256)")
+    ch.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="0 (default): greedy; above 0: sampling"
+    )
+    ch.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    placement_options(ch)
+
+    sv = verbs.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) with a chat page at /")
+    sv.add_argument("--model", required=True, help="an interleaf checkpoint directory or hub id")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine)")
+    sv.add_argument("--port", type=_checked(int, lambda v: 0 <= v <= 65535, "in [0, 65535]"), default=8000)
+    sv.add_argument(
+        "--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $INTERLEAF_API_KEY, else none)"
+    )
+    sv.add_argument("--model-name", help="the model's name in the API (default: the directory's name)")
+    sv.add_argument(
+        "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: data: URLs only)"
+    )
+    for name, (default, what) in SERVE_LIMITS.items():
+        sv.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=positive_int if name != "max_waiting" else non_negative_int,
+            default=default,
+            help=f"the most {what} (default: {default:,})",
+        )
+    placement_options(sv)
+
     t = verbs.add_parser("train", help="train a model from a YAML recipe (see configs/recipes/)")
     t.add_argument("recipe", type=Path, help="a run recipe (YAML): model, data, optim, train")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. optim.lr=3e-4 train.steps=100")
@@ -522,6 +590,17 @@ def main(argv: list[str] | None = None) -> int:
             convert(
                 args.format, args.src, args.dst, lm=args.lm, vision=args.vision, every=args.cross_attn_every_n_layers
             )
+        elif args.verb == "chat":
+            chat(
+                args.model,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                device=args.device,
+                dtype=args.dtype,
+            )
+        elif args.verb == "serve":
+            serve(args.model, args)
         elif args.verb == "generate":
             generate(
                 args.model,

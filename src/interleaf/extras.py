@@ -13,6 +13,7 @@ EXTRAS = {
     "okvqa": "OK-VQA answer stemming (nltk, inflection)",
     "deepspeed": "DeepSpeed ZeRO training (train.parallel: deepspeed)",
     "prep": "images downloaded by URL for MMC4/OBELICS (img2dataset)",
+    "serve": "the OpenAI-compatible server and its chat page (FastAPI, uvicorn, httpx)",
 }
 
 

@@ -82,23 +82,66 @@ def stream(
     cfg = GenerationConfig(**_as_tuple_stop_strings(kwargs))
     if input_ids.shape[0] != 1 or cfg.num_beams != 1:
         raise ValueError("streaming takes one prompt and num_beams=1")
-    stops = cfg.stop_strings
-    emitted, text = "", ""
+    text = TextStream(model.tokenizer, cfg.stop_strings)
+    tokens: list[int] = []
     for search in _decode(model, input_ids, attention_mask, pixel_values, cfg):
-        text = _text(model.tokenizer, search.tokens[0])
-        if text.endswith("\ufffd"):  # maybe an incomplete UTF-8 character: wait for the rest
-            continue
-        cut = _first_stop(text, stops)
-        if cut is not None:
-            text = text[:cut]
+        tokens = search.tokens[0]
+        if piece := text.update(tokens):
+            yield piece
+        if text.stopped:
             break
-        ready = text[: len(text) - _stop_prefix_length(text, stops)]  # hold back a possible stop start
-        if len(ready) > len(emitted):
-            yield ready[len(emitted) :]
-            emitted = ready
-    text = trim_at_stop(text, stops)
-    if len(text) > len(emitted):
-        yield text[len(emitted) :]
+    if piece := text.finish(tokens):
+        yield piece
+
+
+class TextStream:
+    """The text of one growing continuation, given out in pieces that join up to exactly
+    ``decode(tokenizer, ids, stop_strings)[0]`` of the final ids (special tokens skipped, cut
+    before the first stop string), whatever the tokenizer.
+
+    Each update decodes the whole continuation (it is short) and gives out the part of it
+    that can no longer change: it holds back an incomplete UTF-8 character at the end (byte-
+    level BPE and SentencePiece byte fallback decode one as U+FFFD until its last byte comes),
+    a tail that could be the start of a stop string, and, for a tokenizer that cleans up
+    spaces on decoding (``" ."`` -> ``"."``, ``" n't"`` -> ``"n't"``), everything from the last
+    whitespace on, which the next token may still rewrite.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Iterable[str] = ()):
+        self.tokenizer = tokenizer
+        self.stops = tuple(stop_strings)
+        self.emitted = ""
+        self.stopped = False  # the text reached a stop string: nothing more will be given out
+        self._cleans_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+
+    def update(self, ids: Sequence[int]) -> str:
+        """The next piece ('' if none is ready) for the continuation ``ids`` so far."""
+        if self.stopped:
+            return ""
+        text = _text(self.tokenizer, ids)
+        cut = _first_stop(text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            return self._give(text[:cut])
+        ready = len(text) - _stop_prefix_length(text, self.stops)
+        ready = min(ready, len(text.rstrip("\ufffd")))
+        if self._cleans_up:
+            ready = min(ready, max((i for i, c in enumerate(text) if c.isspace()), default=len(text)))
+        return self._give(text[:ready])
+
+    def finish(self, ids: Sequence[int]) -> str:
+        """The last piece, once ``ids`` are final: the pieces now join to the whole text."""
+        text = trim_at_stop(_text(self.tokenizer, ids), self.stops)
+        self.stopped = True
+        return self._give(text)
+
+    def _give(self, ready: str) -> str:
+        if len(ready) <= len(self.emitted) and self.emitted.startswith(ready):
+            return ""
+        if not ready.startswith(self.emitted):  # a decode that rewrote given-out text: a bug here
+            raise RuntimeError(f"streamed text {self.emitted!r} is not a prefix of {ready!r}")
+        piece, self.emitted = ready[len(self.emitted) :], ready
+        return piece
 
 
 def decode(tokenizer, ids: Tensor | Sequence[Sequence[int]], stop_strings: str | Iterable[str] = ()) -> list[str]:
@@ -161,7 +204,7 @@ def _decode(model, input_ids, attention_mask, pixel_values, cfg: GenerationConfi
         raise ValueError(
             f"pixel_values hold {pixel_values.shape[0]} samples for {input_ids.shape[0]} prompts in input_ids"
         )
-    stop = _StopRule(model, cfg)
+    stop = StopRule(model, cfg)
     search = (
         _BeamSearch(cfg, input_ids.shape[0], stop, model.ids.pad)
         if cfg.num_beams > 1
@@ -179,8 +222,9 @@ def _decode(model, input_ids, attention_mask, pixel_values, cfg: GenerationConfi
         session.append(tokens, reorder)
 
 
-class _StopRule:
-    """Whether a sequence ends with its latest token: EOS, <|endofchunk|> or a stop string."""
+class StopRule:
+    """Whether a sequence ends with its latest token: EOS, <|endofchunk|> or a stop string.
+    ``StopRule(model, cfg)(generated_ids)``."""
 
     def __init__(self, model, cfg: GenerationConfig):
         ids = []
@@ -203,6 +247,18 @@ class _StopRule:
         return any(s in text for text in texts for s in self.strings)
 
 
+def next_token_logprobs(model, hidden: Tensor, mask: Tensor) -> Tensor:
+    """(rows, V) float32 log-probabilities of the next token, from the LM's last hidden states
+    (rows, T_new, D) of a step whose attention mask (rows, T) ends with those T_new tokens.
+    An ``<image>`` with no image behind it, or padding, is never a valid continuation."""
+    # Each row's last real token: the prompt's may sit before right padding.
+    last = hidden.shape[1] - 1 - mask[:, -hidden.shape[1] :].flip(-1).argmax(-1)
+    hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    logits = model.language_model.logits(hidden).float()
+    logits[:, sorted({model.ids.image, model.ids.pad} - {model.ids.eos})] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
 class _Session:
     """The model side of decoding: prompt, media, LM cache; rows = batch x beams."""
 
@@ -217,8 +273,6 @@ class _Session:
         media = model.prepare_media(input_ids, pixel_values) if use_cache else None
         self.media = media.select(rows) if media is not None and copies > 1 else media
         self.cache = None  # the LM's KV cache (transformers' Cache), after the first step
-        # An <image> with no image behind it, or padding, is never a valid continuation.
-        self.banned = sorted({model.ids.image, model.ids.pad} - {model.ids.eos})
 
     def next_logprobs(self) -> Tensor:
         """(rows, V) log-probabilities of the next token, float32."""
@@ -237,13 +291,7 @@ class _Session:
         else:
             media = model.prepare_media(self.history, self.pixel_values)
             out = model.step(self.history, history_ids=self.history, attention_mask=self.mask, media=media)
-        hidden = out.last_hidden_state  # (rows, T_new, D)
-        # Each row's last real token: the prompt's may sit before right padding.
-        last = hidden.shape[1] - 1 - self.mask[:, -hidden.shape[1] :].flip(-1).argmax(-1)
-        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        logits = model.language_model.logits(hidden).float()
-        logits[:, self.banned] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
+        return next_token_logprobs(model, out.last_hidden_state, self.mask)
 
     def append(self, tokens: Tensor, reorder: Tensor | None) -> None:
         if reorder is not None:
@@ -261,7 +309,7 @@ class _Sampler:
 
     cfg: GenerationConfig
     batch: int
-    stop: _StopRule
+    stop: StopRule
     pad: int
     device: torch.device
     tokens: list[list[int]] = field(init=False)
@@ -279,7 +327,7 @@ class _Sampler:
         return all(self.finished)
 
     def step(self, logprobs: Tensor) -> tuple[Tensor, None]:
-        chosen = self._choose(logprobs)
+        chosen = choose_tokens(logprobs, self.cfg, self.generator)
         chosen[torch.tensor(self.finished, device=chosen.device)] = self.pad
         for row, token in enumerate(chosen.tolist()):
             if not self.finished[row]:
@@ -287,19 +335,22 @@ class _Sampler:
                 self.finished[row] = self.stop(self.tokens[row])
         return chosen, None
 
-    def _choose(self, logprobs: Tensor) -> Tensor:
-        if not self.cfg.do_sample:
-            return logprobs.argmax(-1)
-        logits = logprobs / self.cfg.temperature
-        if self.cfg.top_k:
-            kth = logits.topk(min(self.cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.cfg.top_p < 1:
-            logits = _top_p(logits, self.cfg.top_p)
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)[:, 0]
-
     def result(self) -> Tensor:
         return _pad(self.tokens, self.pad, self.device)
+
+
+def choose_tokens(logprobs: Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> Tensor:
+    """(B,) the next token of each row: the argmax, or with ``cfg.do_sample`` a draw after
+    temperature, top-k and top-p, from ``generator`` (the global generator if None)."""
+    if not cfg.do_sample:
+        return logprobs.argmax(-1)
+    logits = logprobs / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:
+        logits = _top_p(logits, cfg.top_p)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
 def _top_p(logits: Tensor, top_p: float) -> Tensor:
@@ -314,7 +365,7 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
 class _BeamSearch:
     """Beam search with length-normalised final scores; a hypothesis ends at a stop token."""
 
-    def __init__(self, cfg: GenerationConfig, batch: int, stop: _StopRule, pad: int):
+    def __init__(self, cfg: GenerationConfig, batch: int, stop: StopRule, pad: int):
         self.cfg, self.batch, self.stop, self.pad = cfg, batch, stop, pad
         self.k = cfg.num_beams
         self.beams: list[list[int]] = [[] for _ in range(batch * self.k)]

@@ -30,9 +30,10 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def load_image(source: Any, where: str = "") -> Image.Image:
+def load_image(source: Any, where: str = "", *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB PIL image from a PIL image, a ``Path``, encoded ``bytes`` or an HxW / HxWxC uint8
-    array (C in 1, 3, 4). Failures are :class:`ImageError`s whose message starts with ``where``."""
+    array (C in 1, 3, 4). Failures are :class:`ImageError`s whose message starts with ``where``;
+    an image of more than ``max_pixels`` pixels is refused from its header, before decoding."""
     at = f"{where}: " if where else ""
     if isinstance(source, bytearray):
         source = bytes(source)
@@ -43,25 +44,25 @@ def load_image(source: Any, where: str = "") -> Image.Image:
             raw = source.read_bytes()
         except OSError as e:
             raise ImageError("missing_image", f"{at}cannot read image file '{source}': {e.strerror or e}") from None
-        return _decode(raw, f"{at}image file '{source}'", f"{at}cannot read image file '{source}'")
+        return _decode(raw, f"{at}image file '{source}'", f"{at}cannot read image file '{source}'", max_pixels)
     elif isinstance(source, bytes):
-        return _decode(source, f"{at}image bytes", f"{at}cannot read image bytes")
+        return _decode(source, f"{at}image bytes", f"{at}cannot read image bytes", max_pixels)
     elif not isinstance(source, Image.Image):
         kind = type(source).__name__
         raise ImageError("bad_image_type", f"{at}unsupported item type {kind}; expected {SOURCE_TYPES}")
-    _check_size(source, f"{at}image")
+    _check_size(source, f"{at}image", max_pixels)
     source.load()
     return to_rgb(source)
 
 
-def _decode(raw: bytes, what: str, cannot: str) -> Image.Image:
+def _decode(raw: bytes, what: str, cannot: str, max_pixels: int) -> Image.Image:
     if not raw:
         raise ImageError("empty_image", f"{cannot}: zero-byte image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw)) as image:
-                _check_size(image, what)
+                _check_size(image, what, max_pixels)
                 image.load()
                 return to_rgb(image)
     except ImageError:
@@ -74,11 +75,11 @@ def _decode(raw: bytes, what: str, cannot: str) -> Image.Image:
         raise ImageError("corrupt_image", f"{cannot}: {type(e).__name__}: {e}") from None
 
 
-def _check_size(image: Image.Image, what: str) -> None:
-    if image.width * image.height > MAX_IMAGE_PIXELS:
+def _check_size(image: Image.Image, what: str, max_pixels: int) -> None:
+    if image.width * image.height > max_pixels:
         raise ImageError(
             "huge_image",
-            f"{what} is too large to decode safely: {image.width}x{image.height} pixels exceeds {MAX_IMAGE_PIXELS:,}",
+            f"{what} is too large to decode safely: {image.width}x{image.height} pixels exceeds {max_pixels:,}",
         )
 
 

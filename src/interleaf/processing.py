@@ -316,6 +316,22 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], *,
     return prefix + turns + (PLAIN_CHAT_GENERATION_PROMPT if generation else "")
 
 
+def chat_stop_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """Where the assistant's turn ends in the model's chat format, as stop strings for
+    generation: the text a rendered assistant message ends with (``<end_of_utterance>`` in the
+    plain, IDEFICS-instruct format; ``<|im_end|>``, ``</s>``, ``<|eot_id|>``, ... in a chat
+    template), and the start of the user's next turn (``\nUser:`` in the plain format)."""
+    probe = "\x00probe\x00"
+    text = render_chat(
+        tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], generation=False
+    )
+    after = text[text.rindex(probe) + len(probe) :].strip()
+    stops = [after] if after else []
+    if not tokenizer.chat_template:
+        stops.append("\n" + PLAIN_CHAT_FORMAT["user"].split("{text}")[0].strip())
+    return tuple(stops)
+
+
 def _image(source: Any, where: str) -> Image.Image:
     """An RGB image from a prompt item (see :func:`interleaf.images.load_image`)."""
     if not isinstance(source, (Image.Image, Path, bytes, bytearray, np.ndarray)):
