@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # pulling a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-base lint format clean
+.PHONY: demo test test-base lint format clean chromium
 
 # The last install is the reference for the parity tests: open-flamingo pins torch 2.0.1, so
 # only its model code is installed (without dependencies), with the one small package it imports.
@@ -22,7 +22,14 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/interleaf demo
 
-test: $(VENV)/.installed
+# The chat page's test drives Debian's chromium through Playwright (a browser download cannot
+# work without internet); installed from the Debian registry when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest
 
 # A base install (`pip install .`, no extras) in a virtualenv of its own, smoke-tested.

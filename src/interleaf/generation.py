@@ -19,6 +19,7 @@ resolve it.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -101,10 +102,11 @@ class TextStream:
 
     Each update decodes the whole continuation (it is short) and gives out the part of it
     that can no longer change: it holds back an incomplete UTF-8 character at the end (byte-
-    level BPE and SentencePiece byte fallback decode one as U+FFFD until its last byte comes),
-    a tail that could be the start of a stop string, and, for a tokenizer that cleans up
-    spaces on decoding (``" ."`` -> ``"."``, ``" n't"`` -> ``"n't"``), everything from the last
-    whitespace on, which the next token may still rewrite.
+    level BPE decodes one as U+FFFD until its last byte comes), a trailing run of SentencePiece
+    byte-fallback tokens (``<0xE4>``: the run decodes to text only once all of it is valid
+    UTF-8), for a tokenizer that cleans up spaces on decoding (``" ' "`` -> ``"'"``, then
+    ``" n't"`` -> ``"n't"``) everything from its second-to-last whitespace on, and of what is
+    left, a tail that could be the start of a stop string.
     """
 
     def __init__(self, tokenizer, stop_strings: Iterable[str] = ()):
@@ -113,6 +115,7 @@ class TextStream:
         self.emitted = ""
         self.stopped = False  # the text reached a stop string: nothing more will be given out
         self._cleans_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._special = set(getattr(tokenizer, "all_special_ids", ()))
 
     def update(self, ids: Sequence[int]) -> str:
         """The next piece ('' if none is ready) for the continuation ``ids`` so far."""
@@ -123,11 +126,26 @@ class TextStream:
         if cut is not None:
             self.stopped = True
             return self._give(text[:cut])
-        ready = len(text) - _stop_prefix_length(text, self.stops)
-        ready = min(ready, len(text.rstrip("\ufffd")))
-        if self._cleans_up:
-            ready = min(ready, max((i for i, c in enumerate(text) if c.isspace()), default=len(text)))
-        return self._give(text[:ready])
+        stable = self._stable(text, ids)
+        return self._give(stable[: len(stable) - _stop_prefix_length(stable, self.stops)])
+
+    def _stable(self, text: str, ids: Sequence[int]) -> str:
+        """The beginning of ``text`` that the next tokens cannot change."""
+        stable = text.rstrip("\ufffd")  # an incomplete UTF-8 character
+        # SentencePiece byte fallback: a run of <0xNN> tokens decodes to text only once the whole
+        # run is valid UTF-8 (until then every byte of it is U+FFFD): hold the run back.
+        kept = [i for i in ids if i not in self._special]
+        tokens = self.tokenizer.convert_ids_to_tokens(kept)
+        k = len(tokens)
+        while k and _BYTE_TOKEN.fullmatch(tokens[k - 1] or ""):
+            k -= 1
+        if k < len(tokens):
+            before = _text(self.tokenizer, kept[:k])
+            stable = stable[: len(before) if text.startswith(before) else 0]
+        if self._cleans_up:  # " ' " -> "'", then " n't" -> "n't": the last two spaces may still go
+            spaces = [i for i, c in enumerate(stable) if c.isspace()]
+            stable = stable[: spaces[-2]] if len(spaces) >= 2 else ""
+        return stable
 
     def finish(self, ids: Sequence[int]) -> str:
         """The last piece, once ``ids`` are final: the pieces now join to the whole text."""
@@ -142,6 +160,9 @@ class TextStream:
             raise RuntimeError(f"streamed text {self.emitted!r} is not a prefix of {ready!r}")
         piece, self.emitted = ready[len(self.emitted) :], ready
         return piece
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def decode(tokenizer, ids: Tensor | Sequence[Sequence[int]], stop_strings: str | Iterable[str] = ()) -> list[str]:

@@ -78,7 +78,14 @@ def tiny_model(tmp_path_factory, backbones):
 @pytest.fixture(scope="module")
 def served(tiny_model):
     model, processor, _ = tiny_model
-    limits = Limits(max_batch_size=8, max_waiting=64, max_images=4, max_image_pixels=1_000_000, max_tokens=64)
+    limits = Limits(
+        max_batch_size=8,
+        max_waiting=64,
+        max_images=4,
+        max_image_pixels=1_000_000,
+        max_tokens=64,
+        max_request_bytes=2**20,
+    )
     served, thread = start(model, processor, api_key=API_KEY, limits=limits)
     yield served
     thread.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import time
@@ -85,7 +86,14 @@ def create_app(model, processor: Processor, options: ServeOptions) -> FastAPI:
     @app.get("/health")
     async def health():
         running, waiting = scheduler.load()
-        return {"status": "ok", "model": options.model_name, "running": running, "waiting": waiting}
+        return {
+            "status": "ok",
+            "model": options.model_name,
+            "running": running,
+            "waiting": waiting,
+            "api_key_required": options.api_key is not None,
+            "limits": dataclasses.asdict(options.limits),
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):

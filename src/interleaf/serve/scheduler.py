@@ -91,6 +91,7 @@ class Scheduler:
         self.batch = RunningBatch(model)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
+        self._joining: list[Request] = []  # taken from the queue, their prompts running
         # (step, ids of the requests decoded in it): what tests and benchmarks look at
         self.trace: deque[tuple[int, tuple[int, ...]]] = deque(maxlen=trace)
         self.steps = 0
@@ -107,7 +108,7 @@ class Scheduler:
         with self._wake:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            if len(self.waiting) >= self.max_waiting and len(self.rows) + len(self.waiting) >= self.max_batch_size:
+            if len(self.rows) + len(self._joining) + len(self.waiting) >= self.max_batch_size + self.max_waiting:
                 raise Busy(
                     f"{len(self.rows)} requests are running and {len(self.waiting)} waiting, the most this "
                     "server accepts; retry later"
@@ -133,9 +134,9 @@ class Scheduler:
             request.cancel()
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
+        """(running, waiting) requests; those joining the batch right now count as running."""
         with self._wake:
-            return len(self.rows), len(self.waiting)
+            return len(self.rows) + len(self._joining), len(self.waiting)
 
     def close(self) -> None:
         with self._wake:
@@ -170,7 +171,7 @@ class Scheduler:
         self._leave(gone)
         # 2. waiting requests join
         with self._wake:
-            joining = []
+            joining = self._joining
             while self.waiting and len(self.rows) + len(joining) < self.max_batch_size:
                 request = self.waiting.popleft()
                 if not request.cancelled.is_set():
@@ -183,9 +184,11 @@ class Scheduler:
                 for r in joining:
                     r.on_event(Event("error", f"the prompt failed: {type(e).__name__}: {e}"))
                 fresh = None
-            if fresh is not None:
-                self.rows += [_Row(r, self.model) for r in joining]
-                logprobs = fresh if logprobs is None else torch.cat([logprobs, fresh.to(logprobs.device)])
+            with self._wake:
+                if fresh is not None:
+                    self.rows += [_Row(r, self.model) for r in joining]
+                    logprobs = fresh if logprobs is None else torch.cat([logprobs, fresh.to(logprobs.device)])
+                self._joining = []
         if not self.rows:
             self._pending = None
             return
