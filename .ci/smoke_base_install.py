@@ -16,7 +16,18 @@ from interleaf.config import CrossAttentionConfig, LMConfig, LoraConfig, Resampl
 from interleaf.extras import MissingExtra
 from interleaf.tiny import build_idefics, build_lm, build_tokenizer, build_vision
 
-EXTRAS_ONLY = ("peft", "tensorboard", "sklearn", "pycocoevalcap", "nltk", "pytest", "deepspeed", "img2dataset")
+EXTRAS_ONLY = (
+    "peft",
+    "tensorboard",
+    "sklearn",
+    "pycocoevalcap",
+    "nltk",
+    "pytest",
+    "deepspeed",
+    "img2dataset",
+    "fastapi",
+    "uvicorn",
+)
 
 
 def main() -> None:
@@ -52,6 +63,17 @@ def main() -> None:
     prompt = ["generate", "--model", str(root / "idefics-converted"), "--prompt", "<image>Output:"]
     subprocess.run([*cli, *prompt, "--image", str(root / "red.png"), "--max-new-tokens", "3"], check=True)
 
+    chat = subprocess.run(
+        [*cli, "chat", "--model", str(root / "ckpt"), "--max-new-tokens", "3"],
+        input=f"/image {root / 'red.png'}\nWhat is this?\n/quit\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "(image 1 attached:" in chat.stdout, chat.stdout
+    serve = subprocess.run([*cli, "serve", "--model", str(root / "ckpt")], capture_output=True, text=True)
+    assert serve.returncode == 2 and "pip install 'interleaf[serve]'" in serve.stderr, serve.stderr
+
     lora = FlamingoConfig(**{**config.__dict__, "trainable": TrainableConfig(lora=LoraConfig(rank=2))})
     try:
         Flamingo.from_config(lora)
@@ -60,7 +82,7 @@ def main() -> None:
         assert "pip install 'interleaf[train]'" in str(e) and "\n" not in str(e), e
     print(
         f"base install of interleaf {interleaf.__version__}: import, build, generate ({text!r}), save/load, "
-        "IDEFICS conversion and the generate verb work; LoRA names its extra"
+        "IDEFICS conversion, the generate and chat verbs work; LoRA and serve name their extras"
     )
 
 

@@ -133,8 +133,7 @@ def generate(
 
 def chat(model_dir: str, *, max_new_tokens: int, temperature: float, seed: int | None, device: str, dtype) -> None:
     """A conversation in the terminal (see :mod:`interleaf.serve.chat`)."""
-    from interleaf.serve.api import load
-    from interleaf.serve.chat import ChatSession, run
+    from interleaf.serve.chat import ChatSession, load, run
 
     ChatSession.check(max_new_tokens=max_new_tokens, temperature=temperature)
     model, processor = load(model_dir, device=device, dtype=dtype)

@@ -15,6 +15,7 @@ from interleaf.cli import main
 from interleaf.generation import decode
 from interleaf.processing import chat_stop_strings
 from interleaf.serve.chat import ChatSession, run
+from interleaf.tiny import CHAT_TEMPLATE, build_tokenizer
 
 from servehelp import tiny_model  # noqa: F401
 
@@ -155,3 +156,8 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_chat_format_decides_where_a_turn_ends():
+    assert chat_stop_strings(build_tokenizer()) == ("<end_of_utterance>", "\nUser:")  # IDEFICS-instruct
+    assert chat_stop_strings(build_tokenizer(chat_template=CHAT_TEMPLATE)) == ("</s>",)  # the template's end of turn

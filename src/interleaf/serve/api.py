@@ -28,9 +28,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from interleaf.model.flamingo import Flamingo
 from interleaf.processing import Processor, chat_stop_strings
 from interleaf.serve.batch import Prompt, max_sequence_length
+from interleaf.serve.chat import load
 from interleaf.serve.protocol import APIError, ChatRequest, Limits, bad, error_body, parse_request
 from interleaf.serve.scheduler import Busy, Event, Scheduler
 from interleaf.serve.scheduler import Request as EngineRequest
@@ -313,12 +313,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise too_big
     return bytes(body)
-
-
-def load(model_dir: str, *, device: str = "auto", dtype: str | None = None):
-    """The model and its processor, from an interleaf checkpoint (or an upstream one)."""
-    model = Flamingo.from_pretrained(model_dir, device=device, dtype=dtype)
-    return model, Processor.from_pretrained(model_dir)
 
 
 def run(model_dir: str, *, host: str, port: int, options: ServeOptions, device: str, dtype: str | None) -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from interleaf.generation import GenerationConfig, stream
 from interleaf.images import ImageError, load_image
+from interleaf.model.flamingo import Flamingo
 from interleaf.processing import Processor, chat_stop_strings
 from interleaf.serve.batch import max_sequence_length
 
@@ -29,6 +30,12 @@ HELP = """commands:
   /help         this list"""
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def load(model_dir: str, *, device: str = "auto", dtype: str | None = None):
+    """The model and its processor, from an interleaf checkpoint (or an upstream one)."""
+    model = Flamingo.from_pretrained(model_dir, device=device, dtype=dtype)
+    return model, Processor.from_pretrained(model_dir)
 
 
 @dataclass
