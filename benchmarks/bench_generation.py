@@ -27,15 +27,21 @@ from interleaf.model.flamingo import Media
 from interleaf.tiny import build_lm, build_tokenizer, build_vision
 
 
-def build(tmp: str, hidden: int, layers: int, vision_hidden: int) -> Flamingo:
+def build(
+    tmp: str, hidden: int, layers: int, vision_hidden: int, *, interval: int = 1, vocab_size: int | None = None
+) -> Flamingo:
+    """A Llama-style LM (``vocab_size`` rows, default the tokenizer's; the new tokens'
+    embeddings are decoupled, so the LM keeps them all) with CLIP-style vision at 64 px, 64
+    latents per image, cross-attention every ``interval`` layers, gates at 0.5."""
     tok = build_tokenizer()
-    build_lm(f"{tmp}/lm", "llama", tokenizer=tok, hidden=hidden, layers=layers, heads=8)
+    extra = {} if vocab_size is None else {"vocab_size": vocab_size}
+    build_lm(f"{tmp}/lm", "llama", tokenizer=tok, hidden=hidden, layers=layers, heads=8, **extra)
     build_vision(f"{tmp}/vision", "clip", hidden=vision_hidden, image_size=64, patch_size=8, layers=2)
     config = FlamingoConfig(
         lm=LMConfig(source=f"{tmp}/lm"),
         vision=VisionConfig(source=f"{tmp}/vision"),
         resampler=ResamplerConfig(depth=2, num_latents=64, heads=8, head_dim=64),
-        cross_attention=CrossAttentionConfig(interval=1, heads=8, head_dim=64),
+        cross_attention=CrossAttentionConfig(interval=interval, heads=8, head_dim=64),
     )
     torch.manual_seed(0)
     model = Flamingo.from_config(config)

@@ -29,32 +29,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import httpx
 import torch
+from bench_generation import build as build_flamingo
 
-from interleaf import Flamingo, FlamingoConfig, Processor
-from interleaf.config import CrossAttentionConfig, LMConfig, ResamplerConfig, VisionConfig
+from interleaf import Flamingo, Processor
 from interleaf.serve.protocol import Limits
-from interleaf.tiny import build_lm, build_tokenizer, build_vision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
 from servehelp import data_url, png, start
 
 
 def build(tmp: str) -> tuple[Flamingo, Processor]:
-    tok = build_tokenizer()
-    build_lm(f"{tmp}/lm", "llama", tokenizer=tok, hidden=512, layers=8, heads=8, vocab_size=32000)
-    build_vision(f"{tmp}/vision", "clip", hidden=256, image_size=64, patch_size=8, layers=2)
-    config = FlamingoConfig(
-        lm=LMConfig(source=f"{tmp}/lm", new_token_embeddings="decoupled"),  # keeps the LM's 32000 rows
-        vision=VisionConfig(source=f"{tmp}/vision"),
-        resampler=ResamplerConfig(depth=2, num_latents=64, heads=8, head_dim=64),
-        cross_attention=CrossAttentionConfig(interval=2, heads=8, head_dim=64),
-    )
-    torch.manual_seed(0)
-    model = Flamingo.from_config(config)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn_gate.fill_(0.5)
-            block.ff_gate.fill_(0.5)
+    model = build_flamingo(tmp, hidden=512, layers=8, vision_hidden=256, interval=2, vocab_size=32000)
     model.save_pretrained(f"{tmp}/model")
     return Flamingo.from_pretrained(f"{tmp}/model"), Processor.from_pretrained(f"{tmp}/model")
 
