@@ -32,7 +32,9 @@ def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[st
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
             ) from None
-        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
@@ -153,7 +155,15 @@ def serve(model_dir: str, args: argparse.Namespace) -> None:
     key = args.api_key if args.api_key is not None else os.environ.get("INTERLEAF_API_KEY") or None
     name = args.model_name or Path(model_dir.rstrip("/")).name or model_dir
     options = ServeOptions(model_name=name, api_key=key, allow_remote_images=args.allow_remote_images, limits=limits)
-    run(model_dir, host=args.host, port=args.port, options=options, device=args.device, dtype=args.dtype)
+    run(
+        model_dir,
+        host=args.host,
+        port=args.port,
+        options=options,
+        device=args.device,
+        dtype=args.dtype,
+        log_level=args.log_level,
+    )
 
 
 SERVE_LIMITS = {
@@ -436,13 +446,26 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument(
         "--temperature", type=non_negative_float, default=0.0, help="0 (default): greedy; above 0: sampling"
     )
-    ch.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    ch.add_argument(
+        "--seed", type=_checked(int, lambda v: -(2**63) <= v < 2**64, "in [-2**63, 2**64)"), help="seed of the sampling"
+    )
     placement_options(ch)
 
     sv = verbs.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) with a chat page at /")
     sv.add_argument("--model", required=True, help="an interleaf checkpoint directory or hub id")
     sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine)")
-    sv.add_argument("--port", type=_checked(int, lambda v: 0 <= v <= 65535, "in [0, 65535]"), default=8000)
+    sv.add_argument(
+        "--port",
+        type=_checked(int, lambda v: 0 <= v <= 65535, "in [0, 65535]"),
+        default=8000,
+        help="the port (default: 8000; 0: any free port, printed at start)",
+    )
+    sv.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="info (default): a line per request; warning: errors only",
+    )
     sv.add_argument(
         "--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $INTERLEAF_API_KEY, else none)"
     )

@@ -53,6 +53,7 @@ class GenerationConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (not (self.do_sample and self.num_beams > 1), "sampling with beams is not supported"),
             (self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be <= max_new_tokens"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed must be in [-2**63, 2**64), got {self.seed}"),
             (all(self.stop_strings), "stop_strings must not be empty"),
             (
                 self.do_sample or (self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0),
@@ -365,12 +366,15 @@ def choose_tokens(logprobs: Tensor, cfg: GenerationConfig, generator: torch.Gene
     temperature, top-k and top-p, from ``generator`` (the global generator if None)."""
     if not cfg.do_sample:
         return logprobs.argmax(-1)
-    logits = logprobs / cfg.temperature
+    # The best token at 0 before dividing: however small the temperature (down to what the
+    # dtype can hold; below, the limit: all mass on the best), no row becomes all -inf or NaN.
+    tiny = torch.finfo(logprobs.dtype).tiny
+    logits = (logprobs - logprobs.max(-1, keepdim=True).values) / max(cfg.temperature, tiny)
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1:
-        logits = _top_p(logits, cfg.top_p)
+        logits = _top_p(logits, max(cfg.top_p, tiny))
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 

@@ -316,6 +316,16 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], *,
     return prefix + turns + (PLAIN_CHAT_GENERATION_PROMPT if generation else "")
 
 
+def special_tokens_in(text: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's special tokens (``</s>``, ``<|endofchunk|>``, a chat template's turn
+    markers, ...) that ``text`` writes out: a user's message that holds one could end its turn
+    and write the assistant's. Servers refuse such messages."""
+    specials = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    }
+    return sorted(t for t in specials if t and t in text)
+
+
 def chat_stop_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     """Where the assistant's turn ends in the model's chat format, as stop strings for
     generation: the text a rendered assistant message ends with (``<end_of_utterance>`` in the

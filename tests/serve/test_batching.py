@@ -344,3 +344,20 @@ def test_images_are_encoded_once_when_a_request_joins(tiny_model):
         for block in model.blocks:
             del block.project_media
     assert calls == {"vision": 2, "project": 2 * len(model.blocks)}  # 60 steps, two encodings
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_row(roomy):
+    """Not streamed: a client that times out (or dies) while it waits frees its row too."""
+    scheduler = roomy.scheduler
+    assert wait_until(lambda: scheduler.load() == (0, 0))
+    since = scheduler.steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{roomy.url}/v1/chat/completions",
+            json=long_body(max_tokens=400),
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=httpx.Timeout(60, read=0.5),
+        )
+    assert wait_until(lambda: scheduler.load() == (0, 0), timeout=30)
+    (victim,) = new_ids(scheduler, since)
+    assert len([s for s, ids in scheduler.trace if victim in ids]) < 400

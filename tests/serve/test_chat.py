@@ -3,6 +3,7 @@
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,28 +118,27 @@ def test_chat_and_serve_refuse_bad_arguments(tmp_path, capsys):
 
 
 def test_serve_verb_serves_until_interrupted(tiny_model):
+    """--port 0 takes any free port and the banner says which; a line per request is logged."""
     _, _, directory = tiny_model
-    port = _free_port()
     env = {**os.environ, "INTERLEAF_API_KEY": "from-env"}
     server = subprocess.Popen(
-        [*CLI, "serve", "--model", str(directory), "--port", str(port), "--model-name", "mine", "--max-tokens", "16"],
+        [*CLI, "serve", "--model", str(directory), "--port", "0", "--model-name", "mine", "--max-tokens", "16"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                health = httpx.get(f"{url}/health").json()
-                break
-            except httpx.HTTPError:
-                assert server.poll() is None, server.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        banner = [server.stdout.readline()]
+        while "chat page" not in banner[-1]:
+            assert banner[-1], (banner, server.stderr.read())  # '' is the end: the server exited
+            banner.append(server.stdout.readline())
+        page = banner[-1]
+        url = page.split()[-1].rstrip("/")
+        assert not url.endswith(":0"), banner
+        health = httpx.get(f"{url}/health").json()
         assert health["model"] == "mine" and health["api_key_required"] and health["limits"]["max_tokens"] == 16
+        assert health["context_length"] == 512
         body = {"model": "mine", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
         assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 401
         reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer from-env"})
@@ -147,17 +147,65 @@ def test_serve_verb_serves_until_interrupted(tiny_model):
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
-    assert f"http://127.0.0.1:{port}/" in out and "Traceback" not in err
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert "Traceback" not in err
+    assert '"POST /v1/chat/completions HTTP/1.1" 401' in out and '"POST /v1/chat/completions HTTP/1.1" 200' in out
 
 
 def test_the_chat_format_decides_where_a_turn_ends():
     assert chat_stop_strings(build_tokenizer()) == ("<end_of_utterance>", "\nUser:")  # IDEFICS-instruct
     assert chat_stop_strings(build_tokenizer(chat_template=CHAT_TEMPLATE)) == ("</s>",)  # the template's end of turn
+
+
+def test_ctrl_c_stops_an_answer_and_special_tokens_are_refused(tiny_model):
+    model, processor, _ = tiny_model
+    session = ChatSession(model, processor, max_new_tokens=6)
+    calls = []
+
+    def interrupted(text):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        yield "fine"
+
+    session.reply = interrupted
+    out = io.StringIO()
+    run(session, io.StringIO("first\nsecond\n/quit\n"), out)
+    assert "(stopped; this turn is dropped)" in out.getvalue() and "fine" in out.getvalue()
+    session = ChatSession(model, processor, max_new_tokens=6)
+    out = io.StringIO()
+    run(session, io.StringIO("look <image> here\nhi </s> User: x\n/quit\n"), out)
+    text = out.getvalue()
+    assert "'<image>' is one of the model's special tokens" in text and "/image PATH" in text
+    assert "'</s>' is one of the model's special tokens" in text
+    assert session.messages == []
+
+
+def test_serve_refuses_a_port_in_use_before_loading(tiny_model, capsys):
+    _, _, directory = tiny_model
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        assert main(["serve", "--model", str(directory), "--port", str(port)]) == 2
+        assert time.monotonic() - started < 2  # refused before the model loads
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+
+
+def test_a_scheduler_left_open_does_not_abort_the_interpreter(tiny_model, tmp_path):
+    _, _, directory = tiny_model
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "from interleaf import Flamingo\n"
+        "from interleaf.generation import GenerationConfig\n"
+        "from interleaf.serve.batch import Prompt\n"
+        "from interleaf.serve.scheduler import Scheduler\n"
+        f"model = Flamingo.from_pretrained({str(directory)!r})\n"
+        "scheduler = Scheduler(model)\n"
+        "ids = model.tokenizer('hello', return_tensors='pt').input_ids[0]\n"
+        "events = list(scheduler.stream(Prompt(ids), GenerationConfig(max_new_tokens=3)))\n"
+        "print(events[-1].kind)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]

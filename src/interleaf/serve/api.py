@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from interleaf.processing import Processor, chat_stop_strings
+from interleaf.processing import Processor, chat_stop_strings, special_tokens_in
 from interleaf.serve.batch import Prompt, max_sequence_length
 from interleaf.serve.chat import load
 from interleaf.serve.protocol import APIError, ChatRequest, Limits, bad, error_body, parse_request
@@ -93,6 +95,7 @@ def create_app(model, processor: Processor, options: ServeOptions) -> FastAPI:
             "waiting": waiting,
             "api_key_required": options.api_key is not None,
             "limits": dataclasses.asdict(options.limits),
+            "context_length": server.max_length,  # prompt + answer, in tokens (None: no limit known)
         }
 
     @app.get("/v1/models")
@@ -112,8 +115,9 @@ def create_app(model, processor: Processor, options: ServeOptions) -> FastAPI:
         body = await _read_body(request, options.limits.max_request_bytes)
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
+            reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+            raise bad(f"the request body is not valid JSON: {reason}", code="invalid_json") from None
         server.check_model(data.get("model") if isinstance(data, dict) else None, param="model", required=False)
         chat = await run_in_threadpool(server.read, data)
         prompt, config = await run_in_threadpool(server.prepare, chat)
@@ -170,6 +174,16 @@ class _Server:
 
     def prepare(self, chat: ChatRequest):
         """The prompt (tokens and pixels) and the generation settings, or a 400."""
+        for m, message in enumerate(chat.conversation):
+            for item in message["content"]:
+                found = isinstance(item, str) and special_tokens_in(item, self.processor.tokenizer)
+                if found:
+                    raise bad(
+                        f"messages[{m}] contains {found[0]!r}, one of the model's special tokens, which a "
+                        "message may not write (it could forge a turn of the conversation)",
+                        param=f"messages[{m}].content",
+                        code="special_token_in_text",
+                    )
         try:
             batch = self.processor([chat.conversation])
         except ValueError as e:
@@ -191,9 +205,13 @@ class _Server:
                 code="context_length_exceeded",
             )
         max_new = chat.max_tokens or min(self.limits.max_tokens, room)
+        try:
+            config = chat.generation_config(max_new, self.chat_stops)
+        except ValueError as e:
+            raise bad(str(e)) from None
         count = int(self.processor.num_images(batch["input_ids"])[0])
         pixels = batch["pixel_values"][0, :count] if count else None
-        return Prompt(ids, pixels), chat.generation_config(max_new, self.chat_stops)
+        return Prompt(ids, pixels), config
 
     def _fetch(self, url: str, param: str) -> bytes:
         limit = self.limits.max_image_bytes
@@ -209,8 +227,10 @@ class _Server:
                             f"{param}: the image is larger than {limit:,} bytes", param=param, code="image_too_large"
                         )
                 return bytes(data)
-        except httpx.HTTPError as e:
-            raise bad(f"{param}: cannot fetch {url}: {e}", param=param, code="invalid_image") from None
+        except APIError:
+            raise
+        except Exception as e:  # httpx.HTTPError, httpx.InvalidURL, ...: the URL's fault, not ours
+            raise bad(f"{param}: cannot fetch {url[:200]}: {e}", param=param, code="invalid_image") from None
 
     async def respond(self, request: Request, chat: ChatRequest, prompt: Prompt, config):
         loop = asyncio.get_running_loop()
@@ -227,23 +247,21 @@ class _Server:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+        watcher = asyncio.create_task(_cancel_when_gone(request, job))
         try:
             text = []
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                        return JSONResponse(error_body("client disconnected"), status_code=499)
-                    continue
+                event = await events.get()
                 if event.kind == "text":
                     text.append(event.text)
                 elif event.kind == "error":
                     raise APIError(500, event.text, type="server_error")
+                elif event.kind == "cancelled":  # the client has gone: nobody reads this
+                    return JSONResponse(error_body("the client disconnected", code="client_disconnected"), 499)
                 else:
                     return reply.completion("".join(text), event)
         finally:
+            watcher.cancel()
             job.cancel()
 
     async def _stream(self, job: EngineRequest, events: asyncio.Queue, reply: _Reply, include_usage: bool):
@@ -253,8 +271,8 @@ class _Server:
                 event = await events.get()
                 if event.kind == "text":
                     yield _sse(reply.chunk({"content": event.text}))
-                elif event.kind == "error":
-                    yield _sse(error_body(event.text, type="server_error"))
+                elif event.kind in ("error", "cancelled"):
+                    yield _sse(error_body(event.text or "cancelled", type="server_error"))
                     break
                 else:
                     yield _sse(reply.chunk({}, finish_reason=event.finish_reason))
@@ -264,6 +282,13 @@ class _Server:
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()  # a client that went away frees its row at the next step
+
+
+async def _cancel_when_gone(request: Request, job: EngineRequest, every: float = 0.1) -> None:
+    """Cancel ``job`` once the client of a non-streamed request has gone (timed out, killed)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    job.cancel()
 
 
 def _sse(data: dict) -> str:
@@ -315,14 +340,43 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def run(model_dir: str, *, host: str, port: int, options: ServeOptions, device: str, dtype: str | None) -> None:
-    """``interleaf serve``: load the model, then serve until interrupted."""
+def run(
+    model_dir: str,
+    *,
+    host: str,
+    port: int,
+    options: ServeOptions,
+    device: str,
+    dtype: str | None,
+    log_level: str = "info",
+) -> None:
+    """``interleaf serve``: take the port (before the model loads, so that a port in use fails at
+    once), load the model, then serve until interrupted."""
+    listener = bind(host, port)
     model, processor = load(model_dir, device=device, dtype=dtype)
     app = create_app(model, processor, options)
-    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    bound = listener.getsockname()[1]
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
     print(f"interleaf serve: model '{options.model_name}' on {model.device}, {model.dtype}")
     print(f"  chat page   {where}/")
     print(f"  API         {where}/v1/chat/completions (OpenAI-compatible)")
     if options.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"  warning: listening on {host} without an API key (--api-key or INTERLEAF_API_KEY)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    print("  Ctrl-C stops", flush=True)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down, re-raising it
+        uvicorn.Server(config).run(sockets=[listener])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (0: any free port), or a one-line ValueError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(128)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return listener

@@ -10,6 +10,7 @@ that format ends a turn.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image
 from interleaf.generation import GenerationConfig, stream
 from interleaf.images import ImageError, load_image
 from interleaf.model.flamingo import Flamingo
-from interleaf.processing import Processor, chat_stop_strings
+from interleaf.processing import Processor, chat_stop_strings, special_tokens_in
 from interleaf.serve.batch import max_sequence_length
 
 HELP = """commands:
@@ -80,6 +81,10 @@ class ChatSession:
     def reply(self, text: str):
         """Yield the answer to ``text`` (with the attached images) piece by piece; the turn
         joins the conversation once the answer is complete."""
+        found = special_tokens_in(text, self.processor.tokenizer)
+        if found:
+            hint = "; attach images with /image PATH" if self.processor.tokens.image in found else ""
+            raise ValueError(f"{found[0]!r} is one of the model's special tokens, which a message may not write{hint}")
         message = {"role": "user", "content": [*self.images, text]}
         batch = self.processor([[*self.messages, message]])
         length = batch["input_ids"].shape[1]
@@ -100,16 +105,34 @@ class ChatSession:
 
 
 def run(session: ChatSession, input: TextIO = sys.stdin, output: TextIO = sys.stdout, prompt: str = "> ") -> None:
-    """The read-answer loop until /quit or the end of ``input``."""
+    """The read-answer loop until /quit or the end of ``input``. Ctrl-C stops an answer (the
+    turn is dropped) and returns to the prompt; at the prompt it says how to leave."""
 
     def say(text: str = "", end: str = "\n") -> None:
         output.write(text + end)
         output.flush()
 
+    terminal = input is sys.stdin and output is sys.stdout and sys.stdin.isatty()
+    if terminal:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+
+    def read() -> str:
+        if terminal:
+            try:
+                return input_line(prompt) + "\n"
+            except EOFError:
+                return ""
+        say(prompt, end="")
+        return input.readline()
+
     say("interleaf chat: type a message; /image PATH attaches an image, /reset, /quit, /help")
     while True:
-        say(prompt, end="")
-        line = input.readline()
+        try:
+            line = read()
+        except KeyboardInterrupt:
+            say("\n(/quit or Ctrl-D leaves)")
+            continue
         if not line:
             say()
             return
@@ -144,7 +167,13 @@ def run(session: ChatSession, input: TextIO = sys.stdin, output: TextIO = sys.st
             except ValueError as e:
                 say(f"error: {e}")
                 continue
+            except KeyboardInterrupt:
+                say("\n(stopped; this turn is dropped)")
+                continue
             say()
+
+
+input_line = input  # the builtin, before ``run``'s parameter of that name hides it
 
 
 def _looks_like_image(line: str) -> bool:

@@ -167,6 +167,8 @@ def parse_request(body: Any, limits: Limits, *, image_token: str, remote_images=
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise bad(f"seed must be an integer, got {_json_type(seed)}", param="seed")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise bad("seed must be in [-2**63, 2**64)", param="seed")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise bad(f"stream must be a boolean, got {_json_type(stream)}", param="stream")
@@ -312,7 +314,7 @@ def _image(url: str, param: str, limits: Limits, remote_images) -> Image.Image:
             raw = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise bad(f"{param}: the data URL is not valid base64", param=param, code="invalid_image") from None
-    elif url.startswith(("http://", "https://")):
+    elif url[:8].lower().startswith(("http://", "https://")):
         if remote_images is None:
             raise bad(
                 f"{param}: remote image URLs are disabled on this server; send the image as a data: URL "

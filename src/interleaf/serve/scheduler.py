@@ -21,9 +21,12 @@ Events reach the submitter through its ``on_event`` callback, called from the en
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +36,8 @@ import torch
 from interleaf.generation import GenerationConfig, StopRule, TextStream, choose_tokens
 from interleaf.serve.batch import Prompt, RunningBatch
 
+log = logging.getLogger("interleaf.serve")
+
 
 class Busy(RuntimeError):
     """Every batch row is taken and the waiting queue is full."""
@@ -41,7 +46,8 @@ class Busy(RuntimeError):
 @dataclass(frozen=True)
 class Event:
     """What the engine tells a request: ``text`` (a new piece), ``done`` (with the finish reason
-    ``stop`` or ``length`` and the token counts) or ``error``."""
+    ``stop`` or ``length`` and the token counts), ``error``, or ``cancelled`` (it left after
+    :meth:`Request.cancel`)."""
 
     kind: str
     text: str = ""
@@ -100,6 +106,8 @@ class Scheduler:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="interleaf-engine", daemon=True)
         self._thread.start()
+        # the engine thread must stop before the interpreter does (torch aborts otherwise)
+        atexit.register(_close, weakref.ref(self))
 
     # -- the submitter's side -----------------------------------------------------------------
 
@@ -139,10 +147,19 @@ class Scheduler:
             return len(self.rows) + len(self._joining), len(self.waiting)
 
     def close(self) -> None:
+        """Stop the engine thread (running and waiting requests get an error event). Also done
+        at interpreter exit, and by ``with Scheduler(model) as scheduler:``."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -158,8 +175,11 @@ class Scheduler:
             try:
                 self._iterate()
             except Exception as e:  # a failed step: its requests get the error, the engine goes on
-                self._fail(self.rows, f"generation failed: {type(e).__name__}: {e}")
-                self.rows = []
+                log.exception("a decoding step failed; its %d requests get the error", len(self.rows))
+                with self._wake:
+                    failed, self._joining = self.rows + self._joining, []
+                    self.rows = []
+                self._fail(failed, f"generation failed: {type(e).__name__}: {e}")
                 self.batch = RunningBatch(self.model)
                 self._pending = None
 
@@ -168,65 +188,92 @@ class Scheduler:
     def _iterate(self) -> None:
         # 1. cancelled requests leave
         gone = [i for i, row in enumerate(self.rows) if row.request.cancelled.is_set()]
+        for i in gone:
+            self.rows[i].request.on_event(Event("cancelled"))
         self._leave(gone)
         # 2. waiting requests join
         with self._wake:
             joining = self._joining
             while self.waiting and len(self.rows) + len(joining) < self.max_batch_size:
                 request = self.waiting.popleft()
-                if not request.cancelled.is_set():
+                if request.cancelled.is_set():
+                    request.on_event(Event("cancelled"))
+                else:
                     joining.append(request)
         logprobs = self._pending
         if joining:
-            try:
-                fresh = self.batch.join([r.prompt for r in joining])
-            except Exception as e:
-                for r in joining:
-                    r.on_event(Event("error", f"the prompt failed: {type(e).__name__}: {e}"))
-                fresh = None
+            fresh, rows = self._join(joining)
             with self._wake:
-                if fresh is not None:
-                    self.rows += [_Row(r, self.model) for r in joining]
-                    logprobs = fresh if logprobs is None else torch.cat([logprobs, fresh.to(logprobs.device)])
+                self.rows += rows
                 self._joining = []
+            if rows:
+                logprobs = fresh if logprobs is None else torch.cat([logprobs, fresh.to(logprobs.device)])
         if not self.rows:
             self._pending = None
             return
-        # 3. every row picks its next token
+        # 3. every row picks its next token; a row that fails leaves alone, with its error
         self.steps += 1
         self.trace.append((self.steps, tuple(row.request.id for row in self.rows)))
         chosen = logprobs.argmax(-1)
-        for i, row in enumerate(self.rows):
-            if row.request.config.do_sample:
-                chosen[i] = choose_tokens(logprobs[i : i + 1], row.request.config, row.generator)[0]
         finished = []
-        for i, (row, token) in enumerate(zip(self.rows, chosen.tolist())):
-            request = row.request
-            request.tokens.append(token)
-            self.generated_tokens += 1
-            stopped = row.stop(request.tokens)
-            if stopped or len(request.tokens) >= request.config.max_new_tokens:
+        for i, row in enumerate(self.rows):
+            try:
+                if row.request.config.do_sample:
+                    chosen[i] = choose_tokens(logprobs[i : i + 1], row.request.config, row.generator)[0]
+                if self._advance(row, int(chosen[i])):
+                    finished.append(i)
+            except Exception as e:
+                log.exception("request %d failed", row.request.id)
+                row.request.on_event(Event("error", f"generation failed: {type(e).__name__}: {e}"))
                 finished.append(i)
-                piece = row.text.finish(request.tokens)
-                if piece:
-                    request.on_event(Event("text", piece))
-                request.on_event(
-                    Event(
-                        "done",
-                        finish_reason="stop" if stopped else "length",
-                        prompt_tokens=len(request.prompt.input_ids),
-                        completion_tokens=len(request.tokens),
-                        tokens=tuple(request.tokens),
-                    )
-                )
-            elif piece := row.text.update(request.tokens):
-                request.on_event(Event("text", piece))
         # 4. finished rows leave at once; 5. the rest decode one step together
         self._pending = logprobs
         keep = [i for i in range(len(self.rows)) if i not in set(finished)]
         self._leave(finished)
         if self.rows:
             self._pending = self.batch.step(chosen[keep])
+
+    def _join(self, requests: list[Request]) -> tuple[torch.Tensor | None, list[_Row]]:
+        """Run the prompts of ``requests`` into the batch; their first log-probabilities and rows.
+        A request that cannot join gets its error and is dropped; the others join."""
+        rows = []
+        for request in requests:
+            try:
+                rows.append(_Row(request, self.model))
+            except Exception as e:
+                request.on_event(Event("error", f"the request cannot start: {type(e).__name__}: {e}"))
+        if not rows:
+            return None, []
+        try:
+            return self.batch.join([row.request.prompt for row in rows]), rows
+        except Exception as e:
+            log.exception("the prompts of %d requests failed", len(rows))
+            for row in rows:
+                row.request.on_event(Event("error", f"the prompt failed: {type(e).__name__}: {e}"))
+            return None, []
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Give ``row`` its next token and its request the new text; whether it is finished."""
+        request = row.request
+        request.tokens.append(token)
+        self.generated_tokens += 1
+        stopped = row.stop(request.tokens)
+        if not stopped and len(request.tokens) < request.config.max_new_tokens:
+            if piece := row.text.update(request.tokens):
+                request.on_event(Event("text", piece))
+            return False
+        if piece := row.text.finish(request.tokens):
+            request.on_event(Event("text", piece))
+        request.on_event(
+            Event(
+                "done",
+                finish_reason="stop" if stopped else "length",
+                prompt_tokens=len(request.prompt.input_ids),
+                completion_tokens=len(request.tokens),
+                tokens=tuple(request.tokens),
+            )
+        )
+        return True
 
     def _leave(self, rows: list[int]) -> None:
         if not rows:
@@ -242,3 +289,9 @@ class Scheduler:
         for row in rows:
             request = row.request if isinstance(row, _Row) else row
             request.on_event(Event("error", message))
+
+
+def _close(ref: weakref.ref) -> None:
+    scheduler = ref()
+    if scheduler is not None:
+        scheduler.close()
