@@ -79,7 +79,7 @@ def test_the_same_pixel_limit(processor, monkeypatch):
     with pytest.raises(DataError) as data_error:
         ImageRef(data=SAMPLES["rgb"]).load()
     assert data_error.value.reason == "huge_image" and "8x8 pixels exceeds 63" in str(data_error.value)
-    with pytest.raises(ValueError, match="prompt 0, item 1: image bytes is too large to decode safely: 8x8"):
+    with pytest.raises(ValueError, match="prompt 0, item 1: the image is too large to decode safely: 8x8"):
         processor(["a", SAMPLES["rgb"]])
     with pytest.raises(ValueError, match="prompt 0, item 1: image is too large"):
         processor(["a", Image.new("RGB", (8, 8))])

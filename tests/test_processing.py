@@ -353,7 +353,7 @@ def test_corrupt_and_truncated_images(processor, tmp_path):
 def test_decompression_bomb(processor, monkeypatch, limit):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
     message = error(processor, ["a", png_bytes(solid(RED, size=(32, 32)))])
-    assert message.startswith("prompt 0, item 1: image bytes is too large to decode safely")
+    assert message.startswith("prompt 0, item 1: the image is too large to decode safely")
 
 
 @pytest.mark.parametrize(

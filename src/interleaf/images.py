@@ -30,11 +30,13 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def load_image(source: Any, where: str = "", *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(source: Any, where: str = "", *, max_pixels: int | None = None) -> Image.Image:
     """An RGB PIL image from a PIL image, a ``Path``, encoded ``bytes`` or an HxW / HxWxC uint8
     array (C in 1, 3, 4). Failures are :class:`ImageError`s whose message starts with ``where``;
-    an image of more than ``max_pixels`` pixels is refused from its header, before decoding."""
+    an image of more than ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) pixels is refused
+    from its header, before decoding."""
     at = f"{where}: " if where else ""
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, bytearray):
         source = bytes(source)
     if isinstance(source, np.ndarray):
@@ -46,7 +48,7 @@ def load_image(source: Any, where: str = "", *, max_pixels: int = MAX_IMAGE_PIXE
             raise ImageError("missing_image", f"{at}cannot read image file '{source}': {e.strerror or e}") from None
         return _decode(raw, f"{at}image file '{source}'", f"{at}cannot read image file '{source}'", max_pixels)
     elif isinstance(source, bytes):
-        return _decode(source, f"{at}image bytes", f"{at}cannot read image bytes", max_pixels)
+        return _decode(source, f"{at}the image", f"{at}cannot read image bytes", max_pixels)
     elif not isinstance(source, Image.Image):
         kind = type(source).__name__
         raise ImageError("bad_image_type", f"{at}unsupported item type {kind}; expected {SOURCE_TYPES}")
