@@ -10,13 +10,14 @@ TORCH ?= torch==2.13.0
 .PHONY: demo test test-base lint format clean chromium
 
 # The last install is the reference for the parity tests: open-flamingo pins torch 2.0.1, so
-# only its model code is installed (without dependencies), with the one small package it imports.
+# only its model code is installed (without dependencies), with the one small package it imports;
+# timm (the EVA-CLIP reference) without its torchvision, which does not load beside this torch.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps open-flamingo==2.0.1 einops-exts==0.0.4
+	$(PY) -m pip install --quiet --no-deps open-flamingo==2.0.1 einops-exts==0.0.4 timm==1.0.31
 	touch $@
 
 demo: $(VENV)/.installed

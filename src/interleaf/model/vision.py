@@ -1,6 +1,7 @@
 """Vision encoder adapter: any tower with the HF ViT layout
 (``embeddings``, optional ``pre_layrnorm``, ``encoder.layers``, ``post_layernorm``), which
-covers ``CLIPVisionModel``, ``SiglipVisionModel`` and IDEFICS' vision transformer."""
+covers ``CLIPVisionModel``, ``SiglipVisionModel``, IDEFICS' vision transformer and interleaf's
+EVA-CLIP tower (:mod:`interleaf.model.eva`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import transformers
 from torch import Tensor, nn
 
 from interleaf.config import VisionConfig
+from interleaf.model.eva import EvaVisionConfig, EvaVisionModel
 
 # Towers that the Auto classes do not know: model_type -> (module, config class, model class).
 _EXTRA_TOWERS = {
@@ -63,6 +65,8 @@ class VisionEncoder(nn.Module):
 
 def tower_from_config(config: transformers.PreTrainedConfig) -> nn.Module:
     """An untrained tower of the architecture ``config`` describes (weights are loaded after)."""
+    if isinstance(config, EvaVisionConfig):
+        return EvaVisionModel(config)
     if config.model_type in _EXTRA_TOWERS:
         module, _, model_class = _EXTRA_TOWERS[config.model_type]
         return getattr(importlib.import_module(module), model_class)(config)
@@ -74,6 +78,8 @@ def tower_config_from_dict(data: dict) -> transformers.PreTrainedConfig:
     """The HF config of a tower from its ``to_dict()`` form (as saved in checkpoints)."""
     data = dict(data)
     model_type = data.pop("model_type", None)
+    if model_type == EvaVisionConfig.model_type:
+        return EvaVisionConfig(**data)
     if model_type in _EXTRA_TOWERS:
         module, config_class, _ = _EXTRA_TOWERS[model_type]
         return getattr(importlib.import_module(module), config_class)(**data)
