@@ -92,6 +92,9 @@ class CrossAttentionConfig:
     gate: Literal["scalar", "vector"] = "scalar"
     media_attention: Literal["last", "all"] = "last"  # which earlier images a token sees
     reset_at_eos: bool = False  # packed documents: EOS ends the reach of earlier images
+    # a sample with no image at all: "ff" (OpenFlamingo, IDEFICS): its tokens still go through
+    # the gated feed-forward; "skip" (InfiMM): the whole block leaves it unchanged
+    without_media: Literal["ff", "skip"] = "ff"
 
     def __post_init__(self):
         _validate(self, ("interval", "heads", "head_dim", "ff_mult"), ("offset", "ff_dim"))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -249,3 +251,42 @@ def test_lm_with_more_embedding_rows_than_tokens(make_model, tmp_path):
     text = model.tokenizer(["a small green square"], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(text).logits[..., :start], bare(input_ids=text).logits[..., :start], atol=1e-6)
+
+
+def test_without_media_skip_leaves_text_only_samples_to_the_lm(make_model, backbones):
+    """InfiMM's rule (CrossAttentionConfig.without_media="skip"): a sample with no image at all
+    goes through no part of the cross-attention blocks, its feed-forward included, so with open
+    gates it reads exactly as the bare LM; a sample with an image is changed everywhere, its
+    text before the image too (the feed-forward applies to it), as with the default "ff"."""
+    model = make_model()
+    ids, mask, pixels = encode(model, TEXTS)
+    with torch.no_grad():
+        fed = model(ids, mask, pixels).logits  # the default rule, "ff"
+        skip = dataclasses.replace(model.config.cross_attention, without_media="skip")
+        model.config = dataclasses.replace(model.config, cross_attention=skip)
+        skipped = model(ids, mask, pixels).logits
+        gates = {name: p.clone() for name, p in model.named_parameters() if name.endswith("_gate")}
+        for name, p in model.named_parameters():
+            if name.endswith("_gate"):
+                p.zero_()
+        bare = model(ids, mask, pixels).logits  # closed gates: the LM itself
+        for name, p in model.named_parameters():
+            if name.endswith("_gate"):
+                p.copy_(gates[name])
+    text_only = 2  # TEXTS[2] has no image
+    real = mask[text_only].bool()
+    assert torch.equal(skipped[text_only][real], bare[text_only][real])  # exactly the LM: no block touched it
+    assert (fed[text_only][real] - bare[text_only][real]).abs().max() > 1e-3  # "ff" changes it
+    for row in (0, 1):  # samples with images: the two rules agree
+        torch.testing.assert_close(skipped[row][mask[row].bool()], fed[row][mask[row].bool()], rtol=0, atol=0)
+    # each row as it is alone, and cached generation as recomputation
+    with torch.no_grad():
+        one = model(ids[text_only : text_only + 1], mask[text_only : text_only + 1], pixels[text_only : text_only + 1])
+    # alone vs in a padded batch: other shapes, so rounding (~1e-6) may differ
+    torch.testing.assert_close(one.logits[0][real], skipped[text_only][real], rtol=0, atol=1e-5)
+    no_stop = dict(stop_at_eos=False, stop_at_end_of_chunk=False)
+    cached = model.generate(ids, mask, pixels, max_new_tokens=5, **no_stop)
+    assert torch.equal(cached, model.generate(ids, mask, pixels, max_new_tokens=5, use_cache=False, **no_stop))
+    expected = r"CrossAttentionConfig.without_media: expected one of \['ff', 'skip'\], got 'never'"
+    with pytest.raises(ValueError, match=expected):
+        CrossAttentionConfig(without_media="never")

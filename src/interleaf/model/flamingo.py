@@ -219,9 +219,13 @@ class Flamingo(nn.Module):
         KV cache ``cache`` holding the earlier ones. ``attention_mask`` covers the
         whole history. Returns the LM's output (``last_hidden_state``, ``cache``)."""
         new = input_ids.shape[1]
+        keep = None
+        if self.config.cross_attention.without_media == "skip":  # InfiMM: only samples with an image
+            keep = ((history_ids == self.ids.image) & attention_mask.bool()).any(-1)
         context = MediaContext(
             kv=media.kv if media is not None else None,
             visible=self.visible_media(history_ids, attention_mask, media, new),
+            keep=keep,
         )
         return self.language_model(
             input_ids,

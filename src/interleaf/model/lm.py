@@ -31,11 +31,14 @@ class MediaContext:
     """What the cross-attention blocks need for one LM call.
 
     kv: per block (in layer order), the projected keys/values of all images, or None for a
-    text-only batch; visible: (B, T, N) which images each current token may attend to.
+    text-only batch; visible: (B, T, N) which images each current token may attend to;
+    keep: (B,) bool, the samples the blocks change (None: all of them; see
+    ``CrossAttentionConfig.without_media``).
     """
 
     kv: list[MediaKV] | None
     visible: Tensor | None
+    keep: Tensor | None = None
 
 
 _CURRENT_MEDIA: contextvars.ContextVar[MediaContext | None] = contextvars.ContextVar("media", default=None)
@@ -60,7 +63,8 @@ class CrossAttentionDecoderLayer(nn.Module):
             kv = MediaKV(kv.k.to(hidden_states.device), kv.v.to(hidden_states.device))
         if visible is not None:
             visible = visible.to(hidden_states.device)
-        hidden_states = self.xattn(hidden_states, kv, visible)
+        keep = None if media.keep is None else media.keep.to(hidden_states.device)
+        hidden_states = self.xattn(hidden_states, kv, visible, keep)
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 

@@ -38,15 +38,18 @@ class GatedCrossAttentionBlock(nn.Module):
         media = media.to(self.attn.k_proj.weight.device)  # this block's device (a model spread over GPUs)
         return MediaKV(*self.attn.keys_values(rearrange(media, "b n l d -> b (n l) d")))
 
-    def forward(self, x: Tensor, media: MediaKV | None, visible: Tensor | None) -> Tensor:
-        """x: (B, T, D); visible: (B, T, N) which images each token may attend to.
+    def forward(self, x: Tensor, media: MediaKV | None, visible: Tensor | None, keep: Tensor | None = None) -> Tensor:
+        """x: (B, T, D); visible: (B, T, N) which images each token may attend to; keep: (B,)
+        the samples this block changes (None: all; the others come out exactly as they went in).
 
         Without media (a text-only batch) only the gated feed-forward applies, as it does to
         the text-only samples of a mixed batch.
         """
+        out = x
         if media is not None and visible is not None and visible.shape[-1] > 0:
-            x = x + torch.tanh(self.attn_gate) * self._attend(x, media, visible)
-        return x + torch.tanh(self.ff_gate) * self.ff(x)
+            out = out + torch.tanh(self.attn_gate) * self._attend(out, media, visible)
+        out = out + torch.tanh(self.ff_gate) * self.ff(out)
+        return out if keep is None else torch.where(keep[:, None, None], out, x)
 
     def _attend(self, x: Tensor, media: MediaKV, visible: Tensor) -> Tensor:
         latents_per_image = media.k.shape[2] // visible.shape[-1]
