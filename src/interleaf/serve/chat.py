@@ -104,15 +104,15 @@ class ChatSession:
         self.images = []
 
 
-def run(session: ChatSession, input: TextIO = sys.stdin, output: TextIO = sys.stdout, prompt: str = "> ") -> None:
-    """The read-answer loop until /quit or the end of ``input``. Ctrl-C stops an answer (the
+def run(session: ChatSession, source: TextIO = sys.stdin, output: TextIO = sys.stdout, prompt: str = "> ") -> None:
+    """The read-answer loop until /quit or the end of ``source``. Ctrl-C stops an answer (the
     turn is dropped) and returns to the prompt; at the prompt it says how to leave."""
 
     def say(text: str = "", end: str = "\n") -> None:
         output.write(text + end)
         output.flush()
 
-    terminal = input is sys.stdin and output is sys.stdout and sys.stdin.isatty()
+    terminal = source is sys.stdin and output is sys.stdout and sys.stdin.isatty()
     if terminal:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
@@ -120,11 +120,11 @@ def run(session: ChatSession, input: TextIO = sys.stdin, output: TextIO = sys.st
     def read() -> str:
         if terminal:
             try:
-                return input_line(prompt) + "\n"
+                return input(prompt) + "\n"
             except EOFError:
                 return ""
         say(prompt, end="")
-        return input.readline()
+        return source.readline()
 
     say("interleaf chat: type a message; /image PATH attaches an image, /reset, /quit, /help")
     while True:
@@ -171,9 +171,6 @@ def run(session: ChatSession, input: TextIO = sys.stdin, output: TextIO = sys.st
                 say("\n(stopped; this turn is dropped)")
                 continue
             say()
-
-
-input_line = input  # the builtin, before ``run``'s parameter of that name hides it
 
 
 def _looks_like_image(line: str) -> bool:

@@ -101,7 +101,6 @@ class Scheduler:
         # (step, ids of the requests decoded in it): what tests and benchmarks look at
         self.trace: deque[tuple[int, tuple[int, ...]]] = deque(maxlen=trace)
         self.steps = 0
-        self.generated_tokens = 0
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="interleaf-engine", daemon=True)
@@ -256,7 +255,6 @@ class Scheduler:
         """Give ``row`` its next token and its request the new text; whether it is finished."""
         request = row.request
         request.tokens.append(token)
-        self.generated_tokens += 1
         stopped = row.stop(request.tokens)
         if not stopped and len(request.tokens) < request.config.max_new_tokens:
             if piece := row.text.update(request.tokens):
