@@ -199,6 +199,13 @@ def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every
         from interleaf.convert.idefics import convert as run_idefics
 
         out = run_idefics(resolve(src), dst)
+    elif fmt == "infimm":
+        from interleaf.convert import infimm
+
+        root = resolve_infimm(src)
+        if not infimm.is_infimm(root):
+            raise ValueError(f"convert infimm: {src}: no InfiMM config.json (with 'visual' and 'language') there")
+        out = infimm.convert(root, dst)
     else:
         from interleaf.convert.openflamingo import convert as run_openflamingo
 
@@ -208,6 +215,14 @@ def convert(fmt: str, src: str, dst: Path, *, lm: str | None, vision: str, every
             raise ValueError(f"convert openflamingo: src {src}: no such checkpoint file (its checkpoint.pt)")
         out = run_openflamingo(src, dst, lm=lm, vision=vision, cross_attn_every_n_layers=every)
     print(f"wrote an interleaf checkpoint to {out}")
+
+
+def resolve_infimm(src: str) -> Path:
+    """A local directory, or a hub snapshot of the InfiMM repo's data files (never its Python)."""
+    from interleaf.convert import infimm
+    from interleaf.hub import resolve
+
+    return infimm.download(src) if src in infimm.RELEASES else resolve(src)
 
 
 def data_convert(
@@ -486,9 +501,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", type=Path, help="a run recipe (YAML): model, data, optim, train")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. optim.lr=3e-4 train.steps=100")
 
-    c = verbs.add_parser("convert", help="convert a released checkpoint (IDEFICS, OpenFlamingo) to interleaf's format")
-    c.add_argument("format", choices=["idefics", "openflamingo"], help="the upstream format")
-    c.add_argument("src", help="IDEFICS: directory or hub id; OpenFlamingo: its checkpoint.pt")
+    c = verbs.add_parser(
+        "convert", help="convert a released checkpoint (IDEFICS, OpenFlamingo, InfiMM) to interleaf's format"
+    )
+    c.add_argument("format", choices=["idefics", "openflamingo", "infimm"], help="the upstream format")
+    c.add_argument("src", help="IDEFICS, InfiMM: directory or hub id; OpenFlamingo: its checkpoint.pt")
     c.add_argument("dst", type=Path, help="where to write the interleaf checkpoint")
     c.add_argument("--lm", help="OpenFlamingo: the language model (hub id or directory), e.g. anas-awadalla/mpt-7b")
     c.add_argument("--vision", default="openai/clip-vit-large-patch14", help="OpenFlamingo: the HF CLIP vision tower")

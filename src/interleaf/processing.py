@@ -32,6 +32,7 @@ normalised by the vision encoder's own HF image processor (decoded by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,7 @@ IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_FILE = "tokenizer_config.json"
 
 PaddingSide = Literal["left", "right"]
+ChatBos = Literal["text", "tokenizer"]
 DEFAULT_TOKENS = TokensConfig()
 ITEM_TYPES = "str (text), PIL.Image.Image, pathlib.Path, bytes, numpy.ndarray, {'image': ...} or {'text': ...}"
 
@@ -77,6 +79,9 @@ class _SavedConfig:
 
     tokens: TokensConfig = field(default_factory=TokensConfig)
     padding_side: PaddingSide = "left"
+    chat_system: str | None = None
+    chat_bos: ChatBos = "text"
+    placeholder_image: bool = False
 
 
 @dataclass
@@ -94,6 +99,14 @@ class Processor:
     ``tokenizer`` gets the special tokens of ``tokens`` added in place (see
     :func:`interleaf.tokens.prepare_tokenizer`); ``image_processor`` is the vision encoder's HF
     image processor, e.g. ``AutoImageProcessor.from_pretrained(vision_dir)``.
+
+    Three options reproduce a model family's own prompt format (InfiMM sets all three):
+    ``chat_system``, a system message with this text opening every conversation that does not
+    start with one; ``chat_bos``, how the tokenizer's BOS enters a rendered conversation:
+    ``"text"`` writes it into the text, which is tokenized without special tokens (what
+    ``apply_chat_template(tokenize=True)`` does), ``"tokenizer"`` tokenizes the rendered text with
+    the tokenizer's own special tokens; ``placeholder_image``, a prompt without images carries
+    one black image in ``pixel_values`` (no token sees it, so it changes no output).
     """
 
     def __init__(
@@ -103,17 +116,25 @@ class Processor:
         *,
         tokens: TokensConfig = DEFAULT_TOKENS,
         padding_side: PaddingSide = "left",
+        chat_system: str | None = None,
+        chat_bos: ChatBos = "text",
+        placeholder_image: bool = False,
     ) -> None:
         if tokens.image_prompt.count(tokens.image) != 1:
             raise ValueError(
                 f"tokens.image_prompt {tokens.image_prompt!r} must contain the image token {tokens.image!r} once"
             )
         _check_padding_side(padding_side)
+        if chat_bos not in ("text", "tokenizer"):
+            raise ValueError(f"chat_bos must be 'text' or 'tokenizer', got {chat_bos!r}")
         prepare_tokenizer(tokenizer, tokens)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.tokens = tokens
         self.padding_side = padding_side
+        self.chat_system = chat_system
+        self.chat_bos = chat_bos
+        self.placeholder_image = placeholder_image
         self.ids = token_ids(tokenizer, tokens)
 
     @classmethod
@@ -145,7 +166,8 @@ class Processor:
         config = from_dict(_SavedConfig, data, where=str(config_file))
         tokenizer = AutoTokenizer.from_pretrained(directory)
         image_processor = AutoImageProcessor.from_pretrained(directory)
-        return cls(tokenizer, image_processor, tokens=config.tokens, padding_side=config.padding_side)
+        options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return cls(tokenizer, image_processor, **options)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the tokenizer, ``preprocessor_config.json`` and ``processor_config.json`` to ``path``."""
@@ -153,7 +175,7 @@ class Processor:
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
-        config = _SavedConfig(tokens=self.tokens, padding_side=self.padding_side)
+        config = _SavedConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(_SavedConfig)})
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     def __call__(
@@ -269,11 +291,18 @@ class Processor:
             text, found = self._interleaved(content, f"{where}, message {m}")
             flat.append({"role": role, "content": text})
             images += found
+        by_tokenizer = self.chat_bos == "tokenizer"
         try:
-            text = render_chat(self.tokenizer, flat, generation=flat[-1]["role"] != "assistant")
+            text = render_chat(
+                self.tokenizer,
+                flat,
+                generation=flat[-1]["role"] != "assistant",
+                system=self.chat_system,
+                prefix=not by_tokenizer,
+            )
         except jinja2.TemplateError as e:
             raise ValueError(f"{where}: the tokenizer's chat template rejects this conversation: {e}") from None
-        return _Sample(text, images, add_special_tokens=False)
+        return _Sample(text, images, add_special_tokens=by_tokenizer)
 
     def write_images(self, text: str) -> str:
         """Replace each image token by ``tokens.image_prompt``, sharing a repeated wrapper token
@@ -286,7 +315,10 @@ class Processor:
         return run.sub(lambda m: before + (image + after) * (len(m.group()) // len(image)), text)
 
     def pixel_values(self, images: list[list[Image.Image]]) -> Tensor:
-        """(B, N_max, C, H, W), zeros beyond each prompt's own images."""
+        """(B, N_max, C, H, W), zeros beyond each prompt's own images (with
+        ``placeholder_image``, a prompt without images has a black one in its first slot)."""
+        if self.placeholder_image:
+            images = [sample or [Image.new("RGB", _placeholder_size(self.image_processor))] for sample in images]
         flat = [im for sample in images for im in sample]
         # with no image in the batch, a blank one gives the processor's output shape
         pixels = self.preprocess_images(flat or [Image.new("RGB", (64, 64))])
@@ -298,13 +330,24 @@ class Processor:
         return out
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], *, generation: bool) -> str:
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict],
+    *,
+    generation: bool,
+    system: str | None = None,
+    prefix: bool = True,
+) -> str:
     """A conversation (messages with ``str`` content) as the text the model reads, starting with
-    the tokenizer's own special prefix (its BOS, if it adds one): through the tokenizer's chat
-    template, or :data:`PLAIN_CHAT_FORMAT` without one; with ``generation``, the prompt for the
-    assistant's next turn follows. The one renderer of training (``data.collate``) and inference,
-    so that both see the same token ids; tokenize the result with ``add_special_tokens=False``."""
-    prefix = special_prefix(tokenizer)
+    the tokenizer's own special prefix (its BOS, if it adds one; not with ``prefix=False``):
+    through the tokenizer's chat template, or :data:`PLAIN_CHAT_FORMAT` without one; with
+    ``generation``, the prompt for the assistant's next turn follows; with ``system``, a system
+    message of that text comes first unless the conversation starts with one. The one renderer
+    of training (``data.collate``) and inference, so that both see the same token ids; tokenize
+    the result with ``add_special_tokens=False`` (with ``prefix=False``: ``True``)."""
+    if system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    prefix = special_prefix(tokenizer) if prefix else ""
     if tokenizer.chat_template:
         text = (
             tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
@@ -340,6 +383,14 @@ def chat_stop_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     if not tokenizer.chat_template:
         stops.append("\n" + PLAIN_CHAT_FORMAT["user"].split("{text}")[0].strip())
     return tuple(stops)
+
+
+def _placeholder_size(image_processor: BaseImageProcessor) -> tuple[int, int]:
+    """(width, height) of the images the processor outputs (a black image stays black at any size)."""
+    crop = getattr(image_processor, "crop_size", None) or {}
+    size = getattr(image_processor, "size", None) or {}
+    side = crop.get("height") or size.get("shortest_edge") or size.get("height") or 224
+    return side, crop.get("width") or side
 
 
 def _image(source: Any, where: str) -> Image.Image:

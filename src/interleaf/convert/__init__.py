@@ -1,18 +1,18 @@
 """Converters from the released formats of this model family to interleaf checkpoints.
 
-Importing this package registers two converters with :mod:`interleaf.hub`, so that
+Importing this package registers three converters with :mod:`interleaf.hub`, so that
 ``Flamingo.from_pretrained`` and ``Processor.from_pretrained`` accept an upstream directory or
-hub id (IDEFICS, or a known OpenFlamingo release): it is converted once, on the fly, into a cache
+hub id (IDEFICS, a known OpenFlamingo release, InfiMM): it is converted once, on the fly, into a cache
 directory (``$INTERLEAF_CACHE``, default ``~/.cache/interleaf``) and loaded from there.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from interleaf.convert import idefics, openflamingo
-from interleaf.hub import cache_root, register_converter, resolve
+from interleaf.convert import idefics, infimm, openflamingo
+from interleaf.convert.common import converted_directory
+from interleaf.hub import register_converter, resolve
 
 
 @register_converter
@@ -22,14 +22,18 @@ def openflamingo_release(path: str) -> Path | None:
 
 
 @register_converter
+def infimm_directory(path: str) -> Path | None:
+    """A local InfiMM directory or a known InfiMM hub release, converted on first use."""
+    return infimm.release_directory(path)
+
+
+@register_converter
 def idefics_directory(path: str) -> Path | None:
     """An IDEFICS directory or hub id, converted on first use and reused while its files are unchanged."""
     root = resolve(path)
     if not idefics.is_idefics(root):
         return None
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.iterdir()))
-    key = hashlib.sha256(f"{root.resolve()}|{stamp}".encode()).hexdigest()[:16]
-    target = cache_root() / "converted" / f"idefics-{root.name}-{key}"
+    target = converted_directory("idefics", root)
     if not (target / "processor_config.json").is_file():  # written last by the converter
         idefics.convert(root, target)
     return target

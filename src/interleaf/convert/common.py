@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from interleaf.config import FlamingoConfig
+from interleaf.hub import cache_root
 from interleaf.model.checkpoint import save_flamingo
 from interleaf.model.flamingo import Flamingo
 from interleaf.processing import Processor
@@ -51,26 +53,46 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: corrupt or unreadable weights: {e}") from None
 
 
-def write_checkpoint(
-    dst: str | Path,
+def meta_model(
     config: FlamingoConfig,
-    state: dict[str, torch.Tensor],
     *,
     lm_config: transformers.PreTrainedConfig,
     vision_tower: Callable[[], nn.Module],
     tokenizer,
-    image_processor,
-    padding_side: str = "left",
-) -> Path:
-    """Write converted tensors ``state`` as an interleaf checkpoint with its processor.
-
-    The model is built on the meta device (no memory) only to check that ``state`` names and
-    shapes exactly its parameters; any missing, unexpected or misshapen tensor is an error.
-    """
-    dst = Path(dst)
+) -> Flamingo:
+    """The Flamingo of ``config`` on the meta device (no memory): the names and shapes a
+    converted state dict must have."""
     with init_empty_weights():
         lm = transformers.AutoModelForCausalLM.from_config(lm_config)
-        model = Flamingo(config, lm=lm, vision_tower=vision_tower(), tokenizer=tokenizer)
-    Processor(tokenizer, image_processor, tokens=model.config.tokens, padding_side=padding_side).save_pretrained(dst)
+        return Flamingo(config, lm=lm, vision_tower=vision_tower(), tokenizer=tokenizer)
+
+
+def write_checkpoint(
+    dst: str | Path,
+    model: Flamingo,
+    state: dict[str, torch.Tensor],
+    *,
+    image_processor,
+    padding_side: str = "left",
+    **processor_options,
+) -> Path:
+    """Write converted tensors ``state`` as an interleaf checkpoint of the (meta) ``model``, with
+    its processor (``processor_options``: see :class:`~interleaf.processing.Processor`).
+
+    ``state`` must name and shape exactly the model's parameters; any missing, unexpected or
+    misshapen tensor is an error.
+    """
+    dst = Path(dst)
+    Processor(
+        model.tokenizer, image_processor, tokens=model.config.tokens, padding_side=padding_side, **processor_options
+    ).save_pretrained(dst)
     save_flamingo(model, dst, state=state)
     return dst
+
+
+def converted_directory(kind: str, root: Path) -> Path:
+    """Where the converted checkpoint of upstream directory ``root`` goes in the cache: a name
+    that changes whenever a file of ``root`` does, so a changed source converts again."""
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.iterdir()))
+    key = hashlib.sha256(f"{root.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    return cache_root() / "converted" / f"{kind}-{root.name}-{key}"

@@ -26,7 +26,7 @@ from interleaf.config import (
     TokensConfig,
     VisionConfig,
 )
-from interleaf.convert.common import read_state_dict, write_checkpoint
+from interleaf.convert.common import meta_model, read_state_dict, write_checkpoint
 from interleaf.model.vision import tower_from_config
 
 FAKE = "<fake_token_around_image>"
@@ -194,17 +194,11 @@ def convert(src: str | Path, dst: str | Path) -> Path:
         new = rename(key, cfg.cross_layer_interval)
         if new is not None:
             state[new] = tensor.reshape(-1) if new.endswith(("attn_gate", "ff_gate")) else tensor
-    image_processor = transformers.AutoImageProcessor.from_pretrained(src)
-    return write_checkpoint(
-        dst,
-        config,
-        state,
-        lm_config=lm_config(cfg),
-        vision_tower=lambda: tower_from_config(cfg.vision_config),
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        padding_side=tokenizer.padding_side,
+    model = meta_model(
+        config, lm_config=lm_config(cfg), vision_tower=lambda: tower_from_config(cfg.vision_config), tokenizer=tokenizer
     )
+    image_processor = transformers.AutoImageProcessor.from_pretrained(src)
+    return write_checkpoint(dst, model, state, image_processor=image_processor, padding_side=tokenizer.padding_side)
 
 
 def _read_config(src: Path) -> transformers.IdeficsConfig:

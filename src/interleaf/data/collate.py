@@ -135,7 +135,7 @@ class Collator:
         return enc
 
     def _render(self, messages: list[dict], generation: bool) -> str:
-        return render_chat(self.tok, messages, generation=generation)
+        return render_chat(self.tok, messages, generation=generation, system=self.processor.chat_system)
 
     def _add_text(self, enc: Encoded, text: str, pictures, learn: bool) -> None:
         """Text that may hold image placeholders and special tokens (BOS), written as tokens."""

@@ -23,6 +23,8 @@ What EVA02 adds to a ViT, all configurable in :class:`EvaVisionConfig`:
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -262,17 +264,19 @@ EVA_PREFIXES = (
     ("norm.", "post_layernorm."),
 )
 EVA_UNUSED = ("rope.", "head.", "fc_norm.")  # recomputed buffers, the CLIP projection head
+_BLOCK_ROPE = re.compile(r"blocks\.\d+\.attn\.rope\.")  # each block's alias of the shared rope buffers
 
 
 def from_eva_clip_state_dict(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
     """An EVA-CLIP vision state dict (keys under ``prefix``, e.g. ``model.vision_encoder.``)
-    in this tower's names; the rotary buffers and the CLIP head are dropped."""
+    in this tower's names; the rotary buffers (saved once per block too, since every block's
+    attention holds the shared rotary module) and the CLIP head are dropped."""
     out = {}
     for key, value in state.items():
         if not key.startswith(prefix):
             continue
         name = key[len(prefix) :]
-        if name.startswith(EVA_UNUSED):
+        if name.startswith(EVA_UNUSED) or _BLOCK_ROPE.match(name):
             continue
         for old, new in EVA_PREFIXES:
             if name.startswith(old):
