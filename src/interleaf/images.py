@@ -10,12 +10,14 @@ message, the data pipeline counts skipped samples by its reason.
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from transformers import AutoImageProcessor, CLIPImageProcessorPil
 
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused, not decoded
 SOURCE_TYPES = "PIL.Image.Image, pathlib.Path, bytes or numpy.ndarray"
@@ -104,3 +106,29 @@ def _from_array(array: np.ndarray, at: str) -> Image.Image:
             f"got shape {array.shape} dtype {array.dtype}",
         )
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+
+
+class OpenClipImageProcessor(CLIPImageProcessorPil):
+    """HF's CLIP image processor with torchvision's centre crop, as open_clip and EVA-CLIP (and
+    so InfiMM) preprocess: ``CenterCrop`` rounds the crop offset to the nearest pixel
+    (``round((h - crop) / 2)``, half to even) where HF floors it, which moves the crop by one
+    pixel whenever the resized side exceeds the crop by 4k + 3 pixels."""
+
+    def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
+        height, width = image.shape[-2:]  # channels first, as the PIL backend calls it
+        if height < size.height or width < size.width:
+            return super().center_crop(image, size, **kwargs)  # padding: as HF does it
+        top, left = round((height - size.height) / 2), round((width - size.width) / 2)
+        return image[..., top : top + size.height, left : left + size.width]
+
+
+def load_image_processor(directory: str | Path):
+    """The image processor saved in ``directory`` (``preprocessor_config.json``):
+    :class:`OpenClipImageProcessor` by its name, any other through ``AutoImageProcessor``."""
+    try:
+        kind = json.loads((Path(directory) / "preprocessor_config.json").read_text()).get("image_processor_type")
+    except (OSError, ValueError):
+        kind = None
+    if kind == OpenClipImageProcessor.__name__:
+        return OpenClipImageProcessor.from_pretrained(directory)
+    return AutoImageProcessor.from_pretrained(directory)

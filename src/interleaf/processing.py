@@ -49,7 +49,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, 
 
 from interleaf.config import TokensConfig, from_dict
 from interleaf.hub import native
-from interleaf.images import load_image
+from interleaf.images import load_image, load_image_processor
 from interleaf.tokens import prepare_tokenizer, special_prefix, token_ids
 
 PLAIN_CHAT_FORMAT = {
@@ -165,7 +165,7 @@ class Processor:
             raise ValueError(f"{config_file}: cannot read the processor config: {e}") from None
         config = from_dict(_SavedConfig, data, where=str(config_file))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        image_processor = AutoImageProcessor.from_pretrained(directory)
+        image_processor = load_image_processor(directory)
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         return cls(tokenizer, image_processor, **options)
 

@@ -46,6 +46,7 @@ from interleaf.config import (
 )
 from interleaf.convert import openflamingo
 from interleaf.convert.common import converted_directory, meta_model, read_state_dict, write_checkpoint
+from interleaf.images import OpenClipImageProcessor
 from interleaf.model.checkpoint import unique_state_dict
 from interleaf.model.eva import EVA_PREFIXES, EvaVisionConfig, EvaVisionModel, from_eva_clip_state_dict
 
@@ -188,9 +189,10 @@ def lm_config(language: dict, where: str = "config.json") -> transformers.PreTra
         raise ValueError(f"{where}: language (model_type {model_type!r}) is not a usable HF config: {e}") from None
 
 
-def image_processor(size: int) -> transformers.CLIPImageProcessor:
-    """InfiMM's transform: shortest edge to ``size`` (bicubic), centre crop, OpenAI CLIP's mean and std."""
-    return transformers.CLIPImageProcessor(
+def image_processor(size: int) -> OpenClipImageProcessor:
+    """InfiMM's transform: shortest edge to ``size`` (bicubic), centre crop (torchvision's
+    rounding), OpenAI CLIP's mean and std."""
+    return OpenClipImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         resample=Image.Resampling.BICUBIC,

@@ -31,6 +31,7 @@ from torch import nn
 
 from interleaf.config import FlamingoConfig
 from interleaf.hub import native
+from interleaf.images import load_image_processor
 from interleaf.model.placement import as_device, device_of, dispatch, parse_device, parse_dtype, plan_device_map
 from interleaf.model.trainable import apply_trainable
 from interleaf.model.vision import load_tower, tower_config_from_dict, tower_from_config
@@ -212,7 +213,7 @@ def load_flamingo(
     image_processor = None
     if (root / IMAGE_PROCESSOR_FILE).is_file():
         try:
-            image_processor = transformers.AutoImageProcessor.from_pretrained(root)
+            image_processor = load_image_processor(root)
         except (OSError, ValueError) as e:
             raise ValueError(f"{root}: cannot load the image processor: {one_line(e)}") from None
     if kind == "full":
