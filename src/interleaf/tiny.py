@@ -7,6 +7,7 @@ then load them through the same code paths as released checkpoints.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -65,6 +66,42 @@ def build_tokenizer(
     if directory is not None:
         fast.save_pretrained(directory)
     return fast
+
+
+# Zephyr's chat template, as InfiMM's tokenizer_config.json ships it
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+
+def build_llama_tokenizer(
+    *, vocab_size: int = 400, chat_template: str | None = ZEPHYR_CHAT_TEMPLATE, corpus: str = CORPUS
+) -> transformers.PreTrainedTokenizerBase:
+    """A small tokenizer of the Llama/Mistral kind (BPE over Metaspace pieces, legacy, BOS
+    added by the tokenizer, ``</s>`` as pad), with Zephyr's chat template by default. Unlike
+    :func:`build_tokenizer`'s byte-level one, it tokenizes text after a special token
+    differently from text at the start, as sentencepiece tokenizers do."""
+    corpus = corpus + "<|user|>\n<|system|>\n<|assistant|>\n"
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=sorted(set(corpus.replace(" ", "\u2581"))),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tok = transformers.LlamaTokenizer(
+        vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], legacy=True, add_bos_token=True
+    )
+    tok.pad_token = "</s>"
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
 
 
 def lm_config(family: str, vocab_size: int, *, hidden: int = 32, layers: int = 4, heads: int = 4, **kw):

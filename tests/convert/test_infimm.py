@@ -24,12 +24,11 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from interleaf import Flamingo, Processor
 from interleaf.convert import infimm
 from interleaf.model.eva import EvaVisionModel
-from interleaf.tiny import CORPUS
+from interleaf.tiny import build_llama_tokenizer
 
 from evahelp import eva_clip_names, reference, timm_eva
 
@@ -43,13 +42,6 @@ except ImportError:  # make test installs it
     of_flamingo = None
 needs_reference = pytest.mark.skipif(of_flamingo is None or timm_eva is None, reason="open-flamingo or timm missing")
 
-# Zephyr's chat template, as InfiMM's tokenizer_config.json ships it
-ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
-    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
-)
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 SIZE = 16  # the tiny tower's image size (InfiMM-Zephyr: 336)
@@ -74,26 +66,9 @@ VISUAL = {
 
 
 def llama_tokenizer() -> transformers.PreTrainedTokenizerBase:
-    """A small Llama tokenizer (BPE with Metaspace, legacy, BOS added) with InfiMM's two tokens
-    at the ids after the base vocabulary and Zephyr's template; pad is ``</s>``."""
-    corpus = CORPUS + "<|user|>\n<|system|>\n<|assistant|>\n"
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    alphabet = sorted(set(corpus.replace(" ", "\u2581")))
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet, show_progress=False
-    )
-    bpe.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    tok = transformers.LlamaTokenizer(
-        vocab=model["vocab"],
-        merges=[tuple(m) for m in model["merges"]],
-        legacy=True,
-        add_bos_token=True,
-        pad_token="</s>",
-    )
+    """A Llama tokenizer with Zephyr's template and InfiMM's two tokens after the base vocabulary."""
+    tok = build_llama_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-    tok.chat_template = ZEPHYR_TEMPLATE
     return tok
 
 
@@ -495,3 +470,19 @@ def test_convert_verb_and_on_the_fly_loading(infimm_dir, tmp_path, monkeypatch, 
     assert processor.chat_bos == "tokenizer" and isinstance(model.vision.tower, EvaVisionModel)
     # a local InfiMM directory loads directly too
     assert isinstance(Flamingo.from_pretrained(infimm_dir.src).vision.tower, EvaVisionModel)
+
+
+def test_the_tiny_release_round_trips(tmp_path):
+    """``write_tiny`` exports an interleaf model in InfiMM's layout (``upstream_name``, to_kv
+    from k and v, alias keys); converting it back gives the same model, exactly."""
+    src = infimm.write_tiny(tmp_path / "src")
+    state = torch.load(src / "pytorch_model.bin")
+    assert "model.lang_encoder.model.layers.1.gated_cross_attn_layer.attn.to_kv.weight" in state
+    assert "model.lang_encoder.gated_cross_attn_layers.1.attn.to_kv.weight" in state
+    assert "model.lang_encoder.model.layers.0.decoder_layer.self_attn.q_proj.weight" in state
+    model = Flamingo.from_pretrained(infimm.convert(src, tmp_path / "dst"))
+    processor = Processor.from_pretrained(tmp_path / "dst")
+    original, _ = infimm.tiny_model()
+    batch = processor(conversations())
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, original(**batch).logits)

@@ -27,6 +27,7 @@ imported or executed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -410,3 +411,97 @@ def release_directory(path: str) -> Path | None:
     if not (target / "processor_config.json").is_file():
         convert(root, target)
     return target
+
+
+# A tiny InfiMM release, to try the conversion and every command on it offline.
+TINY_VISUAL = {
+    "image_size": 32,
+    "layers": 2,
+    "width": 32,
+    "head_width": 8,
+    "patch_size": 8,
+    "mlp_ratio": 2.6667,
+    "eva_model_name": "eva-clip-l-14-336",
+    "drop_path_rate": 0.0,
+    "xattn": False,
+    "fusedLN": True,
+    "rope": True,
+    "pt_hw_seq_len": 16,
+    "intp_freq": True,
+    "naiveswiglu": True,
+    "subln": True,
+    "embed_dim": 24,
+}
+
+
+def tiny_model(seed: int = 0):
+    """A random tiny InfiMM-Zephyr as an interleaf model (Mistral LM of 4 layers, 2-layer EVA02
+    tower, 1-layer resampler, open gates), with the ``config.json`` InfiMM would ship for it."""
+    from interleaf.model.flamingo import Flamingo
+    from interleaf.tiny import build_llama_tokenizer
+
+    tokenizer = build_llama_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE]})
+    language = {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "vocab_size": len(tokenizer),
+    }
+    torch.manual_seed(seed)
+    tower = EvaVisionModel(eva_config(TINY_VISUAL))
+    lm = transformers.AutoModelForCausalLM.from_config(lm_config(language))
+    config = flamingo_config({}, width=TINY_VISUAL["width"], interval=2, num_layers=4)
+    config = dataclasses.replace(config, resampler=dataclasses.replace(config.resampler, depth=1, num_latents=8))
+    model = Flamingo(config, lm=lm, vision_tower=tower, tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn_gate.uniform_(0.5, 1.0)
+            block.ff_gate.uniform_(0.5, 1.0)
+    release = {
+        "architectures": ["InfiMMZephyrModel"],
+        "model_type": "infimm-zephyr",
+        "cross_attn_every_n_layers": 2,
+        "eoc_token_id": tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE),
+        "visual": TINY_VISUAL,
+        "language": language,
+    }
+    return model, release
+
+
+def write_tiny(directory: str | Path, seed: int = 0) -> Path:
+    """Write :func:`tiny_model` in InfiMM's release layout: ``config.json``, one
+    ``pytorch_model.bin`` under ``model.`` with EVA-CLIP names and the alias keys a
+    ``torch.save(state_dict())`` of InfiMM's model holds, and the tokenizer files."""
+    model, release = tiny_model(seed)
+    layers_path = model.language_model.layers_path
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in unique_state_dict(model).items():
+        key = upstream_name(name, layers_path)
+        if name.endswith(("k_proj.weight", "v_proj.weight")) and key.endswith("to_kv.weight"):
+            state[key] = torch.cat([state.get(key, tensor.new_empty(0, tensor.shape[1])), tensor])  # k, then v
+        else:
+            state[key] = tensor.clone()
+    for key in list(state):
+        if m := _WRAPPED.fullmatch(key.removeprefix("model.")):
+            state[f"model.lang_encoder.{_ALIAS[m['part']]}.{m['n']}.{m['rest']}"] = state[key]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(release, indent=2) + "\n")
+    model.tokenizer.save_pretrained(directory)
+    return directory
