@@ -306,9 +306,12 @@ class Processor:
 
     def write_images(self, text: str) -> str:
         """Replace each image token by ``tokens.image_prompt``, sharing a repeated wrapper token
-        between consecutive images."""
+        between consecutive images. An image already written out in full (InfiMM's
+        ``<|endofchunk|><image>``) counts as one image, not wrapped twice."""
         image = self.tokens.image
         before, _, after = self.tokens.image_prompt.partition(image)
+        if before != after:
+            text = text.replace(self.tokens.image_prompt, image)
         if not before or before != after:
             return text.replace(image, self.tokens.image_prompt)
         run = re.compile(f"(?:{re.escape(image)})+")

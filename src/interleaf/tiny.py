@@ -8,6 +8,7 @@ then load them through the same code paths as released checkpoints.
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import torch
@@ -85,12 +86,13 @@ def build_llama_tokenizer(
     :func:`build_tokenizer`'s byte-level one, it tokenizes text after a special token
     differently from text at the start, as sentencepiece tokenizers do."""
     corpus = corpus + "<|user|>\n<|system|>\n<|assistant|>\n"
+    alphabet = set(corpus.replace(" ", "\u2581")) | set(string.ascii_letters + string.digits + string.punctuation)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=sorted(set(corpus.replace(" ", "\u2581"))),
+        initial_alphabet=sorted(alphabet),  # every printable ASCII character: nothing typed is lost
         show_progress=False,
     )
     bpe.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)

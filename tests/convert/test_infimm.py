@@ -16,6 +16,7 @@ BOS added by the tokenizer) carrying Zephyr's chat template as InfiMM ships it.
 """
 
 import json
+import re
 import sys
 import types
 
@@ -181,7 +182,10 @@ def write_infimm(directory, reference_model, tower, tok, *, keys: str = "both", 
     torch.save(state, directory / "pytorch_model.bin")
     config = {
         "architectures": ["InfiMMZephyrModel"],
-        "auto_map": {"AutoModelForCausalLM": "modeling_infimm_zephyr.InfiMMZephyrModel"},
+        "auto_map": {
+            "AutoConfig": "configuration_infimm_zephyr.InfiMMConfig",
+            "AutoModelForCausalLM": "modeling_infimm_zephyr.InfiMMZephyrModel",
+        },
         "model_type": "infimm-zephyr",
         "cross_attn_every_n_layers": 2,
         "image_token_id": tok.convert_tokens_to_ids("<image>"),
@@ -193,7 +197,8 @@ def write_infimm(directory, reference_model, tower, tok, *, keys: str = "both", 
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(directory)
     # InfiMM's remote code: the converter must never import it
-    (directory / "modeling_infimm_zephyr.py").write_text("raise RuntimeError('InfiMM remote code was executed')\n")
+    for name in ("modeling_infimm_zephyr.py", "configuration_infimm_zephyr.py"):
+        (directory / name).write_text("raise RuntimeError('InfiMM remote code was executed')\n")
     return directory
 
 
@@ -402,7 +407,7 @@ def test_missing_tensors_are_named_key_by_key(infimm_dir, tmp_path):
     "visual, error",
     [
         ({"eva_model_name": "eva-clip-z-99"}, "visual.eva_model_name='eva-clip-z-99' is not a known EVA-CLIP"),
-        ({"postnorm": True}, "visual.postnorm=True is not supported: post-norm blocks"),
+        ({"postnorm": True}, "visual.postnorm=True is not supported: interleaf.s EVA blocks normalise before"),
         ({"window_size": 7}, "visual.window_size is not a field interleaf knows"),
         ({"subln": True, "naiveswiglu": False}, "visual.subln=true with naiveswiglu=false is not supported"),
     ],
@@ -486,3 +491,51 @@ def test_the_tiny_release_round_trips(tmp_path):
     batch = processor(conversations())
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, original(**batch).logits)
+
+
+@pytest.mark.parametrize(
+    "content, error",
+    [
+        (b"", "empty file, not weights"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n", "a git-lfs pointer, not the weights"),
+        (b"this is not a checkpoint\n" * 10, "corrupt"),
+        ("list", "holds a list, not a state dict of named tensors"),
+    ],
+    ids=["empty", "lfs-pointer", "garbage", "not-a-dict"],
+)
+def test_unreadable_weights_are_one_line_errors(tmp_path, content, error):
+    src = infimm.write_tiny(tmp_path / "src")
+    if content == "list":
+        torch.save([1, 2, 3], src / "pytorch_model.bin")
+    else:
+        (src / "pytorch_model.bin").write_bytes(content)
+    with pytest.raises(ValueError, match=error) as info:
+        infimm.convert(src, tmp_path / "dst")
+    assert "pytorch_model.bin" in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_bad_sources_and_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
+    src = infimm.write_tiny(tmp_path / "src")
+    good = torch.load(src / "pytorch_model.bin")
+    key = "model.lang_encoder.model.embed_tokens.weight"
+    torch.save({**good, key: good[key][:-1]}, src / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=re.escape(f"1 tensor(s) of the wrong shape: {key} (")):
+        infimm.convert(src, tmp_path / "dst")
+    monkeypatch.setenv("INTERLEAF_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):  # the same true error each time: nothing half-written stays behind
+        with pytest.raises(ValueError, match="wrong shape"):
+            Flamingo.from_pretrained(src)
+    assert not list((tmp_path / "cache" / "converted").iterdir())
+    torch.save(good, src / "pytorch_model.bin")  # fixed: converts now
+    assert isinstance(Flamingo.from_pretrained(src).vision.tower, EvaVisionModel)
+    (src / "config.json").write_text((src / "config.json").read_text() + "}{")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        Flamingo.from_pretrained(src)
+
+
+def test_an_image_written_in_infimms_own_form_is_not_wrapped_twice(infimm_processor):
+    image = picture(0)
+    ours = infimm_processor("<image>what is it?", images=[image])["input_ids"]
+    theirs = infimm_processor("<|endofchunk|><image>what is it?", images=[image])["input_ids"]
+    assert torch.equal(ours, theirs)
+    assert (ours == infimm_processor.ids.end_of_chunk).sum() == 1

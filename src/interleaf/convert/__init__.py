@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from interleaf.convert import idefics, infimm, openflamingo
-from interleaf.convert.common import converted_directory
+from interleaf.convert.common import convert_once, converted_directory
 from interleaf.hub import register_converter, resolve
 
 
@@ -33,7 +33,4 @@ def idefics_directory(path: str) -> Path | None:
     root = resolve(path)
     if not idefics.is_idefics(root):
         return None
-    target = converted_directory("idefics", root)
-    if not (target / "processor_config.json").is_file():  # written last by the converter
-        idefics.convert(root, target)
-    return target
+    return convert_once(converted_directory("idefics", root), lambda dst: idefics.convert(root, dst))

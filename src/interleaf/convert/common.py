@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,12 +47,33 @@ def read_state_dict(src: Path) -> dict[str, torch.Tensor]:
 
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
     try:
+        with file.open("rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read the weights: {e}") from None
+    if not head:
+        raise ValueError(f"{file}: empty file, not weights")
+    if head.startswith(b"version https://git-lfs"):
+        raise ValueError(f"{file}: a git-lfs pointer, not the weights; fetch the file itself (git lfs pull)")
+    try:
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # not torch's message: it advises weights_only=False, which runs whatever the file holds
+        raise ValueError(
+            f"{file}: corrupt or unreadable weights: not a checkpoint of plain tensors (the weights-only reader "
+            "refused it)"
+        ) from None
+    except SafetensorError as e:
         raise ValueError(f"{file}: corrupt or unreadable weights: {e}") from None
+    except (OSError, RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{file}: corrupt or unreadable weights: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{file}: holds a {type(state).__name__}, not a state dict of named tensors")
+    return state
 
 
 def meta_model(
@@ -88,6 +111,25 @@ def write_checkpoint(
     ).save_pretrained(dst)
     save_flamingo(model, dst, state=state)
     return dst
+
+
+def convert_once(target: Path, convert: Callable[[Path], object]) -> Path:
+    """``target``, made by ``convert(directory)`` unless it exists: the conversion writes into a
+    fresh sibling directory that is renamed to ``target`` only when complete, so an error or an
+    interruption never leaves a half-written cache entry."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        convert(partial)
+        partial.rename(target)
+    except OSError:
+        if not target.is_dir():  # another process finished first: its result stands
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def converted_directory(kind: str, root: Path) -> Path:

@@ -46,7 +46,7 @@ from interleaf.config import (
     VisionConfig,
 )
 from interleaf.convert import openflamingo
-from interleaf.convert.common import converted_directory, meta_model, read_state_dict, write_checkpoint
+from interleaf.convert.common import convert_once, converted_directory, meta_model, read_state_dict, write_checkpoint
 from interleaf.images import OpenClipImageProcessor
 from interleaf.model.checkpoint import unique_state_dict
 from interleaf.model.eva import EVA_PREFIXES, EvaVisionConfig, EvaVisionModel, from_eva_clip_state_dict
@@ -111,10 +111,15 @@ _INERT_FIELDS = {
 
 
 def is_infimm(directory: Path) -> bool:
+    """Whether ``directory`` holds an InfiMM release (a ``config.json`` with ``visual``,
+    ``language`` and ``cross_attn_every_n_layers``); a ``config.json`` that is not JSON is an error."""
+    file = directory / "config.json"
     try:
-        data = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(file.read_text())
+    except OSError:
         return False
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON: {e}") from None
     return isinstance(data, dict) and "visual" in data and "language" in data and "cross_attn_every_n_layers" in data
 
 
@@ -148,7 +153,7 @@ def eva_config(visual: dict, where: str = "config.json") -> EvaVisionConfig:
             f"known: {', '.join(EVA_MODEL_NAMES)}"
         )
     refusals = {
-        "postnorm": "post-norm blocks are not supported",
+        "postnorm": "interleaf's EVA blocks normalise before attention and MLP (pre-norm)",
         "timm_model_name": "a timm tower is not an EVA-CLIP tower",
     }
     for field, why in refusals.items():
@@ -358,7 +363,14 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     where = str(src / "config.json")
     tower = eva_config(cfg["visual"], where)
     language = lm_config(cfg["language"], where)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # not: "a model of type infimm-zephyr" (it reads config.json)
+    try:  # tokenizer_config.json names the class; InfiMM's auto_map (remote code) is never followed
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{src}: cannot load the tokenizer: {e}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     for token, key in ((END_OF_CHUNK, "eoc_token_id"), (IMAGE, "image_token_id")):
         if tokenizer.convert_tokens_to_ids(token) != cfg[key]:
             raise ValueError(
@@ -377,6 +389,14 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     missing = sorted({upstream_name(k, layers_path) for k in expected - set(mapped)})
     if missing:
         raise ValueError(f"{file}: {len(missing)} missing InfiMM tensor(s): " + ", ".join(missing))
+    shapes = unique_state_dict(model)
+    wrong = sorted(
+        f"{upstream_name(k, layers_path)} {tuple(mapped[k].shape)}, config.json says {tuple(shapes[k].shape)}"
+        for k in expected
+        if mapped[k].shape != shapes[k].shape
+    )
+    if wrong:
+        raise ValueError(f"{file}: {len(wrong)} tensor(s) of the wrong shape: " + "; ".join(wrong))
     return write_checkpoint(
         dst,
         model,
@@ -407,10 +427,7 @@ def release_directory(path: str) -> Path | None:
         root = download(path)
     else:
         return None
-    target = converted_directory("infimm", root)
-    if not (target / "processor_config.json").is_file():
-        convert(root, target)
-    return target
+    return convert_once(converted_directory("infimm", root), lambda dst: convert(root, dst))
 
 
 # A tiny InfiMM release, to try the conversion and every command on it offline.

@@ -31,6 +31,7 @@ from interleaf.config import (
     TokensConfig,
     VisionConfig,
 )
+from interleaf.convert.common import convert_once
 from interleaf.hub import cache_root
 from interleaf.model.checkpoint import load_lm_and_tokenizer
 from interleaf.model.flamingo import Flamingo
@@ -225,11 +226,13 @@ def release_checkpoint(repo: str) -> Path | None:
     if repo not in RELEASES:
         return None
     target = cache_root() / "converted" / repo.replace("/", "--")
-    if not (target / "processor_config.json").is_file():
-        lm, interval = RELEASES[repo]
-        try:
-            checkpoint = hf_hub_download(repo, "checkpoint.pt")
-        except Exception as e:  # network, auth and repo errors all mean: not loadable
-            raise ValueError(f"cannot download {repo}/checkpoint.pt: {e}") from None
-        convert(checkpoint, target, lm=lm, vision=VISION, cross_attn_every_n_layers=interval)
-    return target
+    if target.is_dir():
+        return target
+    lm, interval = RELEASES[repo]
+    try:
+        checkpoint = hf_hub_download(repo, "checkpoint.pt")
+    except Exception as e:  # network, auth and repo errors all mean: not loadable
+        raise ValueError(f"cannot download {repo}/checkpoint.pt: {e}") from None
+    return convert_once(
+        target, lambda dst: convert(checkpoint, dst, lm=lm, vision=VISION, cross_attn_every_n_layers=interval)
+    )
