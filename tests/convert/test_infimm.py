@@ -46,24 +46,7 @@ needs_reference = pytest.mark.skipif(of_flamingo is None or timm_eva is None, re
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 SIZE = 16  # the tiny tower's image size (InfiMM-Zephyr: 336)
-VISUAL = {
-    "image_size": SIZE,
-    "layers": 2,
-    "width": 32,
-    "head_width": 8,
-    "patch_size": 4,
-    "mlp_ratio": 2.6667,
-    "eva_model_name": "eva-clip-l-14-336",
-    "drop_path_rate": 0.0,
-    "xattn": False,
-    "fusedLN": True,
-    "rope": True,
-    "pt_hw_seq_len": 16,
-    "intp_freq": True,
-    "naiveswiglu": True,
-    "subln": True,
-    "embed_dim": 24,
-}
+VISUAL = {**infimm.TINY_VISUAL, "image_size": SIZE, "patch_size": 4}  # a 4 x 4 patch grid
 
 
 def llama_tokenizer() -> transformers.PreTrainedTokenizerBase:
