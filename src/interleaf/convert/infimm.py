@@ -50,6 +50,8 @@ from interleaf.convert.common import convert_once, converted_directory, meta_mod
 from interleaf.images import OpenClipImageProcessor
 from interleaf.model.checkpoint import unique_state_dict
 from interleaf.model.eva import EVA_PREFIXES, EvaVisionConfig, EvaVisionModel, from_eva_clip_state_dict
+from interleaf.model.flamingo import Flamingo
+from interleaf.tiny import build_llama_tokenizer
 
 RELEASES = ("Infi-MM/infimm-zephyr", "Infi-MM/infimm-llama13b", "Infi-MM/infimm-vicuna13b")
 # what a conversion downloads: data files only, never the repository's Python files
@@ -454,9 +456,6 @@ TINY_VISUAL = {
 def tiny_model(seed: int = 0):
     """A random tiny InfiMM-Zephyr as an interleaf model (Mistral LM of 4 layers, 2-layer EVA02
     tower, 1-layer resampler, open gates), with the ``config.json`` InfiMM would ship for it."""
-    from interleaf.model.flamingo import Flamingo
-    from interleaf.tiny import build_llama_tokenizer
-
     tokenizer = build_llama_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE]})
     language = {
