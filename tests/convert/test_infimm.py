@@ -244,7 +244,9 @@ def test_logits_and_greedy_generation_equal_the_reference(converted, infimm_dir)
         other = model(**dict(batch, pixel_values=torch.randn_like(pixels))).logits
     changed = (other - ours).abs().amax(-1)
     assert changed[0][real[0]].max() > 1e-2 and changed[2][real[2]].max() > 1e-2  # the images matter
-    assert changed[1].max() == 0  # and reach no sample without one, not even through the feed-forward
+    # and reach no sample without one, not even through the feed-forward: that row's computation
+    # is the same in both calls (same shapes, its own values unchanged), so exactly 0
+    assert changed[1].max() == 0
 
     steps = 6
     generated = model.generate(**batch, max_new_tokens=steps)
@@ -472,7 +474,7 @@ def test_the_tiny_release_round_trips(tmp_path):
     processor = Processor.from_pretrained(tmp_path / "dst")
     original, _ = infimm.tiny_model()
     batch = processor(conversations())
-    with torch.no_grad():
+    with torch.no_grad():  # the same weights, inputs and shapes: the same computation, bit for bit
         assert torch.equal(model(**batch).logits, original(**batch).logits)
 
 
