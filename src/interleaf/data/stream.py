@@ -118,7 +118,11 @@ class Loader:
         workers = max(self.num_workers, 1)
         self.dataset.resume = dict(self.worker_states)
         self.dataset.rotate = self.batches % workers
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **self.loader_kwargs)
+        # a generator of its own for the workers' base seed: the DataLoader would otherwise draw
+        # it from the global torch RNG, which the training step's own draws (a drawing model's
+        # diffusion noise) share, and a resumed run starts its DataLoader at another point of it
+        kwargs = {"generator": torch.Generator().manual_seed(0), **self.loader_kwargs}
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kwargs)
         for batch, (worker, state) in loader:
             self.worker_states[worker] = state
             self.batches += 1
