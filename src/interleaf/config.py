@@ -153,6 +153,7 @@ class TrainableConfig:
     lm: bool = False  # unfreeze the whole LM
     lm_patterns: tuple[str, ...] = ()  # or only LM parameters whose name matches a glob
     lora: LoraConfig | None = None  # or low-rank adapters on the frozen LM (InfiMM instruction tuning)
+    image_generation: bool = True  # the image decoder (condition Perceiver, UNet), when the model has one
 
     def __post_init__(self):
         if self.lora is not None and self.lm:
@@ -170,6 +171,95 @@ class TokensConfig:
     extra: tuple[str, ...] = ()  # further special tokens the prompt format uses
     strip_text: bool = False  # strip spaces around the text items of an interleaved list (IDEFICS)
     text_separator: str = ""  # written between two consecutive text items (IDEFICS-instruct: <end_of_utterance>)
+    # MM-Interleaved: the token after which the model draws an image (added, last, when set)
+    begin_of_image: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """A ``diffusers`` ``UNet2DConditionModel``; its cross-attention reads the condition vectors
+    (and, with MMFS, the earlier images). A block type ``CrossAttn...`` has cross-attention."""
+
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    # the mean of the condition vectors also joins the timestep embedding (a global path, as
+    # SDXL adds its pooled text embedding), besides the cross-attention to all of them
+    pooled_condition: bool = True
+
+    def __post_init__(self):
+        _validate(self, ("layers_per_block", "attention_head_dim", "norm_num_groups"))
+        lengths = {len(self.block_out_channels), len(self.down_block_types), len(self.up_block_types)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "UNetConfig: block_out_channels, down_block_types and up_block_types need one entry per level"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageGenerationConfig:
+    """MM-Interleaved's image decoder: at ``tokens.begin_of_image`` the LM's hidden states up to
+    that token become ``num_conditions`` condition vectors (a Perceiver with learned queries),
+    which condition a diffusion UNet that draws the next image; ``mmfs`` adds cross-attention
+    from the UNet to the resampled features of the document's earlier images (a light form of
+    MM-Interleaved's multi-scale feature synchronizer).
+
+    ``space="pixel"`` denoises RGB pixels at ``image_size``; ``"latent"`` denoises the latents of
+    a ``diffusers`` ``AutoencoderKL`` loaded from ``vae`` (a hub id or directory, e.g. Stable
+    Diffusion's VAE), ``image_size`` being the pixel size. Training draws DDPM timesteps out of
+    ``train_timesteps``; ``sampler`` (``ddim`` or ``dpmsolver++``) draws in ``inference_steps``
+    steps with classifier-free ``guidance_scale`` (the learned null condition replaces the
+    condition with probability ``condition_dropout`` in training). The diffusion loss enters
+    the training loss with weight ``loss_weight`` (MM-Interleaved: 10).
+    """
+
+    num_conditions: int = 16
+    condition_dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    head_dim: int = 16
+    mmfs: bool = True
+    # the Perceiver reads each token's input embedding beside the LM's last hidden state: the
+    # token itself ("green"), which a small LM's last layer (tuned to predict the next token)
+    # hardly keeps; False: the last hidden state alone, as MM-Interleaved reads its 7B LM
+    read_embeddings: bool = True
+    max_images: int = 8  # earlier images MMFS tells apart (a learned embedding each)
+    space: Literal["pixel", "latent"] = "pixel"
+    image_size: int = 32
+    vae: str = ""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    train_timesteps: int = 1000
+    beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    sampler: Literal["ddim", "dpmsolver++"] = "dpmsolver++"
+    inference_steps: int = 25
+    guidance_scale: float = 3.0
+    condition_dropout: float = 0.1
+    snr_gamma: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain mean squared error
+    loss_weight: float = 10.0
+    # pixels -> [-1, 1]: the vision processor's normalisation, undone (CLIP's by default)
+    pixel_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    pixel_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self):
+        _validate(
+            self, ("num_conditions", "condition_dim", "depth", "heads", "head_dim", "image_size", "inference_steps")
+        )
+        if self.train_timesteps < 2:
+            raise ValueError(f"ImageGenerationConfig.train_timesteps must be >= 2, got {self.train_timesteps}")
+        if not 0 <= self.condition_dropout < 1:
+            raise ValueError(f"ImageGenerationConfig.condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.loss_weight < 0 or self.guidance_scale < 0 or self.snr_gamma < 0:
+            raise ValueError("ImageGenerationConfig: loss_weight, guidance_scale and snr_gamma must be >= 0")
+        if self.space == "latent" and not self.vae:
+            raise ValueError(
+                "ImageGenerationConfig: space='latent' needs vae (a hub id or directory of an AutoencoderKL)"
+            )
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+            raise ValueError("ImageGenerationConfig: pixel_mean and pixel_std need one value per RGB channel")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +270,13 @@ class FlamingoConfig:
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    image_generation: ImageGenerationConfig | None = None  # None: a text-only model
+
+    def __post_init__(self):
+        if self.image_generation is not None and not self.tokens.begin_of_image:
+            raise ValueError(
+                "image_generation needs tokens.begin_of_image, the token that starts an image (e.g. <|beginofimage|>)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

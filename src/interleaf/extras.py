@@ -14,6 +14,8 @@ EXTRAS = {
     "deepspeed": "DeepSpeed ZeRO training (train.parallel: deepspeed)",
     "prep": "images downloaded by URL for MMC4/OBELICS (img2dataset)",
     "serve": "the OpenAI-compatible server and its chat page (FastAPI, uvicorn, httpx)",
+    "imagegen": "image generation (diffusers' UNet, schedulers and AutoencoderKL)",
+    "fid": "FID of generated images with Inception weights (torchmetrics, torch-fidelity)",
 }
 
 

@@ -40,6 +40,7 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam scores are sum(logprob) / length ** length_penalty
     stop_at_eos: bool = True
     stop_at_end_of_chunk: bool = True
+    stop_at_begin_of_image: bool = True  # a model that draws: the image comes next
     stop_strings: tuple[str, ...] = ()
     use_cache: bool = True
     seed: int | None = None
@@ -245,7 +246,8 @@ def _decode(model, input_ids, attention_mask, pixel_values, cfg: GenerationConfi
 
 
 class StopRule:
-    """Whether a sequence ends with its latest token: EOS, <|endofchunk|> or a stop string.
+    """Whether a sequence ends with its latest token: EOS, <|endofchunk|>, the begin-of-image
+    token or a stop string.
     ``StopRule(model, cfg)(generated_ids)``."""
 
     def __init__(self, model, cfg: GenerationConfig):
@@ -254,6 +256,8 @@ class StopRule:
             ids.append(model.ids.eos)
         if cfg.stop_at_end_of_chunk and model.ids.end_of_chunk is not None:
             ids.append(model.ids.end_of_chunk)
+        if cfg.stop_at_begin_of_image and model.ids.begin_of_image is not None:
+            ids.append(model.ids.begin_of_image)
         self.token_ids = ids
         self.strings = cfg.stop_strings
         self.tokenizer = model.tokenizer

@@ -396,6 +396,17 @@ def _placeholder_size(image_processor: BaseImageProcessor) -> tuple[int, int]:
     return side, crop.get("width") or side
 
 
+def interleaved_items(items: Sequence[Any], where: str = "prompt") -> list[str | Image.Image]:
+    """The items of an interleaved list as text and RGB images (paths and ``{"image": ...}`` read)."""
+    if isinstance(items, str) or not isinstance(items, (list, tuple)):
+        raise ValueError(f"{where}: expected an interleaved list of text and images, got {type(items).__name__}")
+    out: list[str | Image.Image] = []
+    for i, item in enumerate(items):
+        kind, value = _classify(item, f"{where}, item {i}")
+        out.append(value if kind == "text" else _image(value, f"{where}, item {i}"))
+    return out
+
+
 def _image(source: Any, where: str) -> Image.Image:
     """An RGB image from a prompt item (see :func:`interleaf.images.load_image`)."""
     if not isinstance(source, (Image.Image, Path, bytes, bytearray, np.ndarray)):

@@ -15,18 +15,22 @@ class TokenIds:
     end_of_chunk: int | None
     pad: int
     eos: int | None
+    begin_of_image: int | None = None
 
 
 def prepare_tokenizer(tokenizer, tokens: TokensConfig) -> tuple[str, ...]:
     """Add the special tokens the tokenizer lacks; return those added, in id order.
 
     ``<image>`` and ``<|endofchunk|>`` (and any ``tokens.extra``) become additional special
-    tokens; a pad token is added only when the tokenizer has none.
+    tokens; a pad token is added only when the tokenizer has none. ``tokens.begin_of_image``
+    comes last, so that a text-only model's tokens keep their ids when it learns to draw.
     """
     before = len(tokenizer)
     add_special_tokens(tokenizer, [t for t in (tokens.image, tokens.end_of_chunk, *tokens.extra) if t is not None])
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": tokens.pad})
+    if tokens.begin_of_image:
+        add_special_tokens(tokenizer, [tokens.begin_of_image])
     added = sorted((t for t, i in tokenizer.get_vocab().items() if i >= before), key=tokenizer.convert_tokens_to_ids)
     return tuple(added)
 
@@ -41,7 +45,7 @@ def add_special_tokens(tokenizer, tokens) -> None:
 
 def token_ids(tokenizer, tokens: TokensConfig) -> TokenIds:
     vocab = tokenizer.get_vocab()
-    for name in (tokens.image, tokens.end_of_chunk):
+    for name in (tokens.image, tokens.end_of_chunk, tokens.begin_of_image):
         if name is not None and name not in vocab:
             raise ValueError(f"the tokenizer has no {name!r} token; build the processor with prepare_tokenizer")
     return TokenIds(
@@ -49,6 +53,7 @@ def token_ids(tokenizer, tokens: TokensConfig) -> TokenIds:
         end_of_chunk=vocab[tokens.end_of_chunk] if tokens.end_of_chunk is not None else None,
         pad=tokenizer.pad_token_id,
         eos=tokenizer.eos_token_id,
+        begin_of_image=vocab[tokens.begin_of_image] if tokens.begin_of_image else None,
     )
 
 

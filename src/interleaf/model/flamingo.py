@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from interleaf.config import FlamingoConfig
 from interleaf.generation import generate
 from interleaf.model.checkpoint import load_backbones, load_flamingo, save_flamingo
+from interleaf.model.imagegen import ImageGenerator, find_targets
+from interleaf.model.interleaved import draw_images, generate_interleaved
 from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext
 from interleaf.model.masks import IGNORE_INDEX, cross_attention_mask, position_ids
 from interleaf.model.placement import parse_device, parse_dtype
@@ -26,8 +28,13 @@ from interleaf.tokens import prepare_tokenizer, token_ids
 
 @dataclass
 class FlamingoOutput:
+    """``loss`` = ``text_loss`` + ``image_generation.loss_weight`` * ``image_loss`` (the
+    diffusion loss of the images announced by the begin-of-image token, when the model draws)."""
+
     logits: Tensor
     loss: Tensor | None = None
+    text_loss: Tensor | None = None
+    image_loss: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,9 @@ class Flamingo(nn.Module):
             decoupled=config.lm.new_token_embeddings == "decoupled",
             layers_path=config.lm.layers_path,
         )
+        gen = config.image_generation
+        states = lm.config.hidden_size * (2 if gen and gen.read_embeddings else 1)
+        self.image_generator = ImageGenerator(states, self.vision.dim, gen) if gen else None
         if config.trainable.lora is not None:
             apply_lora(self.language_model, config.trainable.lora)
         self.trainable_names = apply_trainable(self, config.trainable)
@@ -163,7 +173,10 @@ class Flamingo(nn.Module):
 
     def prepare_media(self, input_ids: Tensor, pixel_values: Tensor | None) -> Media | None:
         """Encode the images and project every block's keys/values, once."""
-        latents = self.encode_images(input_ids, pixel_values)
+        return self.media(self.encode_images(input_ids, pixel_values))
+
+    def media(self, latents: Tensor | None) -> Media | None:
+        """Every block's keys/values of the (B, N, L, D) image latents."""
         if latents is None:
             return None
         return Media([block.project_media(latents) for block in self.blocks], latents.shape[1])
@@ -196,14 +209,42 @@ class Flamingo(nn.Module):
         z_loss_weight: float = 0.0,
     ) -> FlamingoOutput:
         """Logits over the tokenizer's vocabulary (new tokens included) and, with ``labels``
-        ((B, T), -100 where ignored; see ``masks.flamingo_labels``), the next-token loss."""
+        ((B, T), -100 where ignored; see ``masks.flamingo_labels``), the next-token loss; a model
+        that draws adds the diffusion loss of every image announced by the begin-of-image token."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        media = self.prepare_media(input_ids, pixel_values)
-        out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=media)
+        latents = self.encode_images(input_ids, pixel_values)
+        out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=self.media(latents))
         logits = self.language_model.logits(out.last_hidden_state)
-        loss = None if labels is None else next_token_loss(logits, labels.to(logits.device), z_loss_weight)
-        return FlamingoOutput(logits=logits, loss=loss)
+        if labels is None:
+            return FlamingoOutput(logits=logits)
+        text_loss = next_token_loss(logits, labels.to(logits.device), z_loss_weight)
+        image_loss = self.image_loss(input_ids, attention_mask, out.last_hidden_state, latents, pixel_values)
+        if image_loss is None:
+            return FlamingoOutput(logits=logits, loss=text_loss, text_loss=text_loss)
+        loss = text_loss + self.config.image_generation.loss_weight * image_loss
+        return FlamingoOutput(logits=logits, loss=loss, text_loss=text_loss, image_loss=image_loss)
+
+    def image_loss(
+        self, input_ids: Tensor, attention_mask: Tensor, states: Tensor, latents: Tensor | None, pixel_values
+    ) -> Tensor | None:
+        """The diffusion loss of the batch's announced images; None when the model does not
+        draw or the batch announces none."""
+        if self.image_generator is None:
+            return None
+        targets = find_targets(input_ids, self.ids.image, self.ids.begin_of_image)
+        if not len(targets):
+            return None
+        pixels = pixel_values.to(states.device)
+        states = self.generation_states(input_ids, states)
+        return self.image_generator.loss(states, attention_mask, latents, targets, pixels)
+
+    def generation_states(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
+        """What the image decoder's Perceiver reads of each token: the LM's last hidden state,
+        and (``image_generation.read_embeddings``) the token's input embedding beside it."""
+        if not self.config.image_generation.read_embeddings:
+            return hidden
+        return torch.cat([hidden, self.language_model.embed(input_ids).to(hidden.dtype)], dim=-1)
 
     def step(
         self,
@@ -251,6 +292,15 @@ class Flamingo(nn.Module):
         """Generated token ids (B, T_new), prompt excluded; see ``interleaf.generation.generate``.
         Inputs may be on any device (the processor's are on the CPU): they move to the model's."""
         return generate(self, input_ids, attention_mask, pixel_values, **kwargs)
+
+    def generate_interleaved(self, processor, prompt, **kwargs) -> list[dict]:
+        """Continue an interleaved document with text and drawn images, in turn; see
+        :func:`interleaf.model.interleaved.generate_interleaved`."""
+        return generate_interleaved(self, processor, prompt, **kwargs)
+
+    def draw(self, processor, prompts, **kwargs) -> list:
+        """One image drawn after each prompt, batched; see :func:`interleaf.model.interleaved.draw_images`."""
+        return draw_images(self, processor, prompts, **kwargs)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

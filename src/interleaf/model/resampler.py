@@ -21,12 +21,15 @@ class PerceiverLayer(nn.Module):
         self.attn = MultiHeadProjection(dim, dim, cfg.heads, cfg.head_dim, "layernorm" if cfg.qk_norm else None)
         self.ff = FeedForward(dim, cfg.ff_dim or cfg.ff_mult * dim, cfg.activation)
 
-    def forward(self, x: Tensor, latents: Tensor) -> Tensor:
-        """x: (n, S, D) features; latents: (n, L, D) -> (n, L, D)"""
+    def forward(self, x: Tensor, latents: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (n, S, D) features; latents: (n, L, D) -> (n, L, D); mask: (n, S) bool, which
+        features may be read (the latents always may)."""
         lat = self.norm_latents(latents)
         kv_input = torch.cat([self.norm_media(x), lat], dim=1)  # (n, S + L, D)
         k, v = self.attn.keys_values(kv_input)
-        latents = latents + self.attn.attend(self.attn.query(lat), k, v)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(latents.shape[:2])], dim=1)[:, None, None]  # (n, 1, 1, S + L)
+        latents = latents + self.attn.attend(self.attn.query(lat), k, v, mask)
         return latents + self.ff(latents)
 
 

@@ -17,7 +17,7 @@ from interleaf.config import LoraConfig, TrainableConfig
 from interleaf.extras import optional_import
 from interleaf.model.lm import CrossAttentionDecoderLayer, find_decoder_layers
 
-GROUPS = ("resampler", "cross_attention", "new_token_embeddings", "lm", "lora", "vision")
+GROUPS = ("resampler", "cross_attention", "new_token_embeddings", "lm", "lora", "vision", "image_generation")
 LM_PREFIX = "language_model.lm."
 
 
@@ -43,6 +43,8 @@ def parameter_groups(model: nn.Module) -> dict[str, str]:
             group = "new_token_embeddings"
         elif name.startswith("vision."):
             group = "vision"
+        elif name.startswith("image_generator."):
+            group = "image_generation"
         elif name.startswith(LM_PREFIX) and ".lora_" in name:
             group = "lora"
         elif name.startswith(LM_PREFIX):
@@ -75,6 +77,7 @@ def trainable_parameter_names(model: nn.Module, cfg: TrainableConfig) -> list[st
         "vision": cfg.vision,
         "lm": cfg.lm,
         "lora": cfg.lora is not None,
+        "image_generation": cfg.image_generation,
     }
     names = []
     for name, group in parameter_groups(model).items():
@@ -110,7 +113,8 @@ def format_parameter_report(model: nn.Module) -> str:
     """The trainable parameter counts as a small table: the total, then one line per group."""
     report, total = parameter_report(model), sum(p.numel() for p in model.parameters())
     lines = [f"trainable parameters: {report['total']:,} of {total:,} ({100 * report['total'] / max(total, 1):.2f}%)"]
-    lines += [f"  {group:<22}{count:>16,}" for group, count in report.items() if group != "total"]
+    shown = [g for g in GROUPS if g != "image_generation" or getattr(model, "image_generator", None) is not None]
+    lines += [f"  {group:<22}{report[group]:>16,}" for group in shown]
     return "\n".join(lines)
 
 

@@ -154,8 +154,9 @@ def init_weights(model: nn.Module, directory: str | Path) -> list[str]:
     checkpoint, see :func:`init_source`): copy every weight the file holds into the parameter of
     the same name (a LoRA layer's ``base_layer`` takes the plain layer's weight). The resampler and
     the cross-attention must all be there, every tensor must fit a parameter by name and shape;
-    LoRA adapters the file lacks stay as initialised. Returns the names of the parameters that
-    were copied."""
+    LoRA adapters the file lacks stay as initialised, and so do the rows of new tokens this stage
+    adds (a begin-of-image token, added after the others, when a model learns to draw). Returns
+    the names of the parameters that were copied."""
     file = init_source(directory)
     try:
         weights = load_file(file)
@@ -180,6 +181,10 @@ def init_weights(model: nn.Module, directory: str | Path) -> list[str]:
                     raise ValueError(f"train.init_from: {file} has no weight {name!r}: not a stage of this model")
                 continue
             param = params[name]
+            if groups[name] == "new_token_embeddings" and _fewer_rows(weights[key], param):
+                param[: weights[key].shape[0]].copy_(weights[key])  # tokens added by this stage start fresh
+                copied.append(name)
+                continue
             if weights[key].shape != param.shape:
                 raise ValueError(
                     f"train.init_from: {file}: {key!r} has shape {tuple(weights[key].shape)}, "
@@ -188,3 +193,8 @@ def init_weights(model: nn.Module, directory: str | Path) -> list[str]:
             param.copy_(weights[key])
             copied.append(name)
     return copied
+
+
+def _fewer_rows(stored: torch.Tensor, param: torch.Tensor) -> bool:
+    """``stored`` is ``param`` with fewer rows (new tokens' embedding rows, ids in order)."""
+    return stored.ndim == param.ndim and stored.shape[1:] == param.shape[1:] and stored.shape[0] < param.shape[0]

@@ -132,6 +132,7 @@ class Window:
     steps: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
+    parts: dict[str, float] = field(default_factory=dict)  # a drawing model's text and image losses
 
 
 class Loggers:
@@ -195,6 +196,7 @@ class Run:
     processor: Processor | None = None
     step: int = 0
     losses: dict[int, float] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)  # the last step's text and image losses (this rank)
 
     def __post_init__(self):
         if self.wrapped is None:
@@ -411,6 +413,8 @@ def loop(run: Run, stop: StopSignal, loggers: Loggers, tasks: list | None = None
         run.step += 1
         run.losses[run.step] = loss
         window.loss, window.steps, window.tokens = window.loss + loss, window.steps + 1, window.tokens + tokens
+        for name, value in run.parts.items():
+            window.parts[name] = window.parts.get(name, 0.0) + value
         bar.update(1)
         if run.step % cfg.log_every == 0:
             _log(run, window, bar, loggers)
@@ -438,10 +442,15 @@ def train_step(run: Run, batches) -> tuple[float, int]:
     total = torch.stack(counts).sum()
     total = (parallel.sum_all(total) if d.distributed else total).clamp(min=1)
     step_loss, tokens = torch.zeros((), device=d.device), 0
+    parts: dict[str, float] = {}
     for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
         with parallel.gradient_sync(run.wrapped, d, micro == ocfg.accumulation - 1):
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
-                loss = run.wrapped(**batch, z_loss_weight=tcfg.z_loss_weight).loss
+                out = run.wrapped(**batch, z_loss_weight=tcfg.z_loss_weight)
+            loss = out.loss
+            if out.image_loss is not None:  # mean over the micro-batches that draw
+                for name in ("text_loss", "image_loss"):
+                    parts[name] = parts.get(name, 0.0) + getattr(out, name).item() / ocfg.accumulation
             scaled = loss * count * d.world_size / total
             if d.kind == "deepspeed":
                 run.wrapped.backward(scaled * ocfg.accumulation)  # the engine divides by the accumulation
@@ -457,6 +466,7 @@ def train_step(run: Run, batches) -> tuple[float, int]:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
+    run.parts = parts
     if not d.distributed:
         return step_loss.item(), tokens
     stats = parallel.sum_all(torch.stack([step_loss, torch.tensor(float(tokens), device=d.device)]))
@@ -493,6 +503,7 @@ def _log(run: Run, window: Window, bar: tqdm, loggers: Loggers) -> None:
         "lr": run.scheduler.get_last_lr()[0],
         "tokens": window.tokens,
         "seconds": seconds,
+        **{name: value / window.steps for name, value in window.parts.items()},
     }
     loggers.log(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{window.tokens / seconds:.0f}")

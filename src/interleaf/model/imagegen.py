@@ -1,0 +1,324 @@
+"""Image generation head (MM-Interleaved, Tian et al. 2024): the LM writes a begin-of-image
+token; its hidden states up to that token become a fixed number of condition vectors, which
+condition a diffusion UNet that draws the image.
+
+- **Condition vectors**: a small Perceiver whose learned queries attend to the LM's last
+  hidden states up to and including the begin-of-image token (later tokens are masked out).
+- **Earlier images** (``mmfs``): the UNet's cross-attention also reads the resampled features
+  of the images that came before in the document, each with a learned position embedding: a
+  light form of MM-Interleaved's multi-scale feature synchronizer (which reads multi-scale
+  vision features with deformable attention).
+- **Decoder**: a ``diffusers`` ``UNet2DConditionModel`` over pixels or over the latents of a
+  frozen ``AutoencoderKL``; DDPM noise in training, DDIM or DPM-Solver++ in sampling, with
+  classifier-free guidance against a learned null condition (which replaces the condition,
+  earlier images included, with probability ``condition_dropout`` in training).
+
+The module holds no LM and no vision encoder: :class:`~interleaf.model.flamingo.Flamingo`
+hands it the LM's states, the resampled image features and the target pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torch import Tensor, nn
+
+from interleaf.config import ImageGenerationConfig, ResamplerConfig
+from interleaf.extras import optional_import
+from interleaf.model.resampler import PerceiverLayer
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The images a batch asks to draw: target ``j`` is image ``image[j]`` (0-based, in text
+    order) of sample ``sample[j]``, announced by the begin-of-image token at ``position[j]``."""
+
+    sample: Tensor
+    image: Tensor
+    position: Tensor
+
+    def __len__(self) -> int:
+        return self.sample.numel()
+
+
+def find_targets(input_ids: Tensor, image_id: int, begin_of_image_id: int) -> Targets:
+    """Every ``<image>`` token directly preceded by the begin-of-image token is a target."""
+    is_image = input_ids == image_id
+    announced = torch.zeros_like(is_image)
+    announced[:, 1:] = is_image[:, 1:] & (input_ids[:, :-1] == begin_of_image_id)
+    index = is_image.long().cumsum(-1) - 1  # which image of its sample each <image> token is
+    sample, position = announced.nonzero(as_tuple=True)
+    return Targets(sample, index[sample, position], position - 1)
+
+
+def _diffusers():
+    return optional_import("diffusers", "image generation (FlamingoConfig.image_generation)", "imagegen")
+
+
+class ConditionPerceiver(nn.Module):
+    """(n, T, D_lm) LM states, (n, T) which may be read -> (n, Q, C) condition vectors."""
+
+    def __init__(self, lm_dim: int, cfg: ImageGenerationConfig):
+        super().__init__()
+        dim = cfg.condition_dim
+        layer_cfg = ResamplerConfig(
+            depth=cfg.depth, num_latents=cfg.num_conditions, heads=cfg.heads, head_dim=cfg.head_dim
+        )
+        self.proj = nn.Linear(lm_dim, dim)
+        self.queries = nn.Parameter(torch.randn(cfg.num_conditions, dim) * 0.02)
+        self.layers = nn.ModuleList(PerceiverLayer(dim, layer_cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, states: Tensor, mask: Tensor) -> Tensor:
+        x = self.proj(states)
+        latents = self.queries.expand(states.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(x, latents, mask)
+        return self.norm(latents)
+
+
+class ImageGenerator(nn.Module):
+    """Condition Perceiver, optional earlier-image context, null condition and UNet."""
+
+    def __init__(self, lm_dim: int, media_dim: int, cfg: ImageGenerationConfig):
+        super().__init__()
+        diffusers = _diffusers()
+        self.cfg = cfg
+        self.conditions = ConditionPerceiver(lm_dim, cfg)
+        self.null_condition = nn.Parameter(torch.randn(cfg.num_conditions, cfg.condition_dim) * 0.02)
+        if cfg.mmfs:
+            self.media_proj = nn.Linear(media_dim, cfg.condition_dim)
+            self.media_position = nn.Parameter(torch.randn(cfg.max_images, cfg.condition_dim) * 0.02)
+        channels, self.downsample = 3, 1
+        if cfg.space == "latent":  # the VAE's latent channels and scale (SD's: 4, 1/8), from its config
+            vae_config = _vae_config(cfg.vae)
+            channels = vae_config["latent_channels"]
+            self.downsample = 2 ** (len(vae_config["block_out_channels"]) - 1)
+            if cfg.image_size % self.downsample:
+                raise ValueError(
+                    f"image_generation.image_size {cfg.image_size} is not a multiple of the VAE's {self.downsample}"
+                )
+        u = cfg.unet
+        self.unet = diffusers.UNet2DConditionModel(
+            sample_size=self.sample_size,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=u.block_out_channels,
+            down_block_types=u.down_block_types,
+            up_block_types=u.up_block_types,
+            layers_per_block=u.layers_per_block,
+            attention_head_dim=u.attention_head_dim,
+            norm_num_groups=u.norm_num_groups,
+            cross_attention_dim=cfg.condition_dim,
+            class_embed_type="projection" if u.pooled_condition else None,
+            projection_class_embeddings_input_dim=cfg.condition_dim if u.pooled_condition else None,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
+
+    @property
+    def sample_size(self) -> int:
+        """The UNet's side: the image's, or its latent's (an SD VAE downsamples by 8)."""
+        return self.cfg.image_size // self.downsample
+
+    # -- conditioning ------------------------------------------------------------------------
+
+    def context(
+        self, states: Tensor, attention_mask: Tensor, media: Tensor | None, targets: Targets
+    ) -> tuple[Tensor, Tensor]:
+        """The UNet's cross-attention input of each target, (n, S, C), and which of it may be
+        read, (n, S): the condition vectors, then (with ``mmfs``) the earlier images' latents."""
+        length = states.shape[1]
+        readable = torch.arange(length, device=states.device) <= targets.position[:, None]
+        readable = readable & attention_mask[targets.sample].bool()
+        cond = self.conditions(states[targets.sample], readable)  # (n, Q, C)
+        keep = cond.new_ones(cond.shape[:2], dtype=torch.bool)
+        if not self.cfg.mmfs or media is None:
+            return cond, keep
+        earlier = media[targets.sample]  # (n, N, L, D): the sample's images
+        count = earlier.shape[1]
+        if count > self.cfg.max_images:
+            raise ValueError(
+                f"image_generation.max_images is {self.cfg.max_images}; a sample holds {count} images before a target"
+            )
+        earlier = self.media_proj(earlier) + self.media_position[:count, None]
+        seen = torch.arange(count, device=states.device)[None] < targets.image[:, None]  # (n, N)
+        seen = seen[:, :, None].expand(-1, -1, earlier.shape[2])
+        return torch.cat([cond, rearrange(earlier, "n i l c -> n (i l) c")], 1), torch.cat([keep, seen.flatten(1)], 1)
+
+    def null_context(self, context: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """The unconditional input: the null condition, no earlier image."""
+        q = self.cfg.num_conditions
+        null = self.null_condition.to(context.dtype).expand(context.shape[0], -1, -1)
+        return torch.cat([null, context[:, q:]], 1), torch.cat([keep[:, :q], torch.zeros_like(keep[:, q:])], 1)
+
+    # -- pixels and latents ----------------------------------------------------------------
+
+    def to_unit(self, pixel_values: Tensor) -> Tensor:
+        """The vision processor's normalised pixels -> [-1, 1] at ``image_size``."""
+        x = (pixel_values.float() * self.pixel_std + self.pixel_mean).clamp(0, 1) * 2 - 1
+        size = self.cfg.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[-1, 1] pixels -> what the UNet denoises."""
+        if self.cfg.space == "pixel":
+            return x
+        vae = self.vae(x.device)
+        with torch.no_grad():
+            return vae.encode(x.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+
+    def decode(self, z: Tensor) -> Tensor:
+        """What the UNet denoised -> [-1, 1] pixels."""
+        if self.cfg.space == "pixel":
+            return z.clamp(-1, 1)
+        vae = self.vae(z.device)
+        with torch.no_grad():
+            return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def vae(self, device: torch.device):
+        """The frozen ``AutoencoderKL`` of ``cfg.vae`` (loaded once; not part of the checkpoint)."""
+        return _load_vae(self.cfg.vae).to(device)
+
+    # -- training --------------------------------------------------------------------------
+
+    def scheduler(self):
+        diffusers = _diffusers()
+        return diffusers.DDPMScheduler(
+            num_train_timesteps=self.cfg.train_timesteps,
+            beta_schedule=self.cfg.beta_schedule,
+            prediction_type=self.cfg.prediction_type,
+            clip_sample=False,
+        )
+
+    def loss(
+        self, states: Tensor, attention_mask: Tensor, media: Tensor | None, targets: Targets, pixel_values: Tensor
+    ) -> Tensor:
+        """The denoising loss (mean squared error of the predicted noise, or velocity) of the
+        targets, at uniformly drawn timesteps; the null condition replaces a target's condition
+        with probability ``condition_dropout``."""
+        x0 = self.encode(self.to_unit(pixel_values[targets.sample, targets.image]))
+        context, keep = self.context(states, attention_mask, media, targets)
+        drop = torch.rand(len(targets), device=x0.device) < self.cfg.condition_dropout
+        null, null_keep = self.null_context(context, keep)
+        context = torch.where(drop[:, None, None], null, context)
+        keep = torch.where(drop[:, None], null_keep, keep)
+        schedule = self.scheduler()
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.cfg.train_timesteps, (len(targets),), device=x0.device)
+        noisy = schedule.add_noise(x0, noise, t)
+        target = noise if self.cfg.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, t)
+        pred = self.denoise(noisy, t, context, keep)
+        error = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (n,)
+        return (error * self.timestep_weights(schedule, t)).mean()
+
+    def timestep_weights(self, schedule, t: Tensor) -> Tensor:
+        """Min-SNR-gamma weights: ``min(SNR, gamma) / SNR`` for noise prediction, ``/ (SNR + 1)``
+        for velocity, so that the easy low-noise steps do not dominate; ones when gamma is 0."""
+        if not self.cfg.snr_gamma:
+            return torch.ones(t.shape, device=t.device)
+        alpha_bar = schedule.alphas_cumprod.to(t.device)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = snr.clamp(max=self.cfg.snr_gamma)
+        return clipped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else clipped / snr
+
+    def denoise(self, sample: Tensor, t: Tensor, context: Tensor, keep: Tensor) -> Tensor:
+        """The UNet's prediction (noise or velocity) for ``sample`` at timestep(s) ``t``."""
+        dtype = next(self.unet.parameters()).dtype
+        pooled = None
+        if self.cfg.unet.pooled_condition:  # the mean of the condition vectors (never the images)
+            pooled = context[:, : self.cfg.num_conditions].mean(1).to(dtype)
+        return self.unet(
+            sample.to(dtype),
+            t,
+            encoder_hidden_states=context.to(dtype),
+            encoder_attention_mask=keep,
+            class_labels=pooled,
+        ).sample
+
+    # -- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        context: Tensor,
+        keep: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> Tensor:
+        """Draw one image per row of ``context``: (n, 3, H, W) pixels in [-1, 1]."""
+        cfg = self.cfg
+        guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        sampler = self.sampler()
+        sampler.set_timesteps(steps or cfg.inference_steps, device=context.device)
+        n = context.shape[0]
+        shape = (n, self.unet.config.in_channels, self.sample_size, self.sample_size)
+        z = torch.randn(shape, generator=generator, device="cpu").to(context.device)
+        z = z * sampler.init_noise_sigma
+        if guidance != 1:  # the unconditional rows after the conditional ones, one UNet call
+            null, null_keep = self.null_context(context, keep)
+            context, keep = torch.cat([context, null]), torch.cat([keep, null_keep])
+        for t in sampler.timesteps:
+            x = sampler.scale_model_input(torch.cat([z, z]) if guidance != 1 else z, t)
+            out = self.denoise(x, t, context, keep).float()
+            if guidance != 1:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            z = sampler.step(out, t, z).prev_sample
+        return self.decode(z.float())
+
+    def sampler(self):
+        """The inference scheduler, its first step at the last training timestep. In pixel space
+        each step's clean-image estimate is kept in [-1, 1] (DDIM's clipping, DPM-Solver++'s
+        dynamic thresholding): without it, the estimate at the noisiest steps (divided by a tiny
+        sqrt(alpha_bar)) throws the sample off."""
+        diffusers = _diffusers()
+        pixel = self.cfg.space == "pixel"
+        # "trailing": the first step starts at the last training timestep, pure noise (Lin et al.
+        # 2024); "leading" would start short of it and miss the image's overall brightness
+        config = dict(self.scheduler().config, timestep_spacing="trailing")
+        if self.cfg.sampler == "ddim":
+            return diffusers.DDIMScheduler.from_config(config, clip_sample=pixel)
+        return diffusers.DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", thresholding=pixel, sample_max_value=1.0
+        )
+
+
+@functools.cache
+def _vae_config(source: str) -> dict:
+    diffusers = _diffusers()
+    try:
+        return dict(diffusers.AutoencoderKL.load_config(source, subfolder=_vae_subfolder(source)))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"image_generation.vae: cannot load an AutoencoderKL from {source!r}: {e}") from None
+
+
+@functools.cache
+def _load_vae(source: str):
+    diffusers = _diffusers()
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(source, subfolder=_vae_subfolder(source))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"image_generation.vae: cannot load an AutoencoderKL from {source!r}: {e}") from None
+    return vae.eval().requires_grad_(False)
+
+
+def _vae_subfolder(source: str) -> str | None:
+    """A whole Stable Diffusion repository keeps its VAE in ``vae/``."""
+    return "vae" if (Path(source) / "vae" / "config.json").is_file() else None
+
+
+def to_images(pixels: Tensor) -> list[Image.Image]:
+    """(n, 3, H, W) in [-1, 1] -> PIL images."""
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]

@@ -1,0 +1,133 @@
+"""Interleaved generation (MM-Interleaved's inference loop): continue a document with text and
+drawn images in turn.
+
+Each round writes text until the model emits the begin-of-image token (or its EOS), then draws
+an image from the LM's states up to that token (see :mod:`interleaf.model.imagegen`), which
+joins the document as an input image for the text that follows. ``mode="generate_texts"``
+starts a round with text, ``"generate_images"`` with an image (the prompt's text describes
+it); ``num_iter`` rounds, fewer if the model ends the document (EOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from interleaf.model.imagegen import Targets, to_images
+from interleaf.processing import interleaved_items
+
+Mode = Literal["generate_texts", "generate_images"]
+MODES = ("generate_texts", "generate_images")
+
+
+def generate_interleaved(
+    model,
+    processor,
+    prompt: Sequence[Any],
+    *,
+    mode: Mode = "generate_texts",
+    num_iter: int = 1,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    inference_steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """The document: the prompt's items, then the generated ones, each ``{"text": str}`` or
+    ``{"image": PIL.Image}``, with ``"generated": True`` on the new ones. Sampling (text with
+    ``do_sample``, and always the images' noise) is seeded by ``seed``: the same call gives the
+    same document."""
+    if model.image_generator is None:
+        raise ValueError("this model has no image generation head (its config has no image_generation)")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    items = interleaved_items(prompt)
+    if not items:
+        raise ValueError("prompt is empty: give at least one text or image")
+    document: list[dict[str, Any]] = [{"text": x} if isinstance(x, str) else {"image": x} for x in items]
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    steps = ("text", "image") if mode == "generate_texts" else ("image", "text")
+    for round_ in range(num_iter):
+        for step in steps:
+            if step == "image":
+                image = _draw(model, processor, document, seed + round_, guidance_scale, inference_steps)
+                document.append({"image": image, "generated": True})
+                continue
+            text, ended = _write(model, processor, document, seed=seed + round_, **settings)
+            if text:
+                document.append({"text": text, "generated": True})
+            if ended:
+                return document
+    return document
+
+
+def _write(model, processor, document, *, seed: int, **settings) -> tuple[str, bool]:
+    """Generate text after the document; whether the model ended the document (EOS, or no
+    begin-of-image token within the budget)."""
+    batch = processor([_prompt(model, document)])
+    ids = model.generate(**batch, seed=seed if settings["do_sample"] else None, stop_at_end_of_chunk=False, **settings)
+    tokens = ids[0].tolist()
+    ended = not tokens or tokens[-1] != model.ids.begin_of_image
+    return processor.decode(tokens, skip_special_tokens=True), ended
+
+
+def _draw(model, processor, document, seed: int, guidance_scale, inference_steps) -> Image.Image:
+    """Draw the next image of the document, announced by the begin-of-image token."""
+    (image,) = draw_images(
+        model, processor, [_prompt(model, document)], seed=seed, guidance_scale=guidance_scale, steps=inference_steps
+    )
+    return image
+
+
+@torch.no_grad()
+def draw_images(
+    model,
+    processor,
+    prompts: Sequence[Sequence[Any]],
+    *,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+) -> list[Image.Image]:
+    """One image drawn after each prompt (an interleaved list; the begin-of-image token is
+    appended), in one batch: the prompts are left-padded, so each ends at the last position."""
+    if model.image_generator is None:
+        raise ValueError("this model has no image generation head (its config has no image_generation)")
+    boi = model.config.tokens.begin_of_image
+    items = [[*interleaved_items(p, f"prompt {i}"), boi] for i, p in enumerate(prompts)]
+    batch = processor(items, padding_side="left")
+    input_ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    latents = model.encode_images(input_ids, batch["pixel_values"])
+    out = model.step(input_ids, history_ids=input_ids, attention_mask=mask, media=model.media(latents))
+    rows = torch.arange(len(items), device=input_ids.device)
+    targets = Targets(
+        sample=rows,
+        image=(input_ids == model.ids.image).sum(-1),
+        position=torch.full_like(rows, input_ids.shape[1] - 1),
+    )
+    gen = model.image_generator
+    context, keep = gen.context(model.generation_states(input_ids, out.last_hidden_state), mask, latents, targets)
+    noise = torch.Generator().manual_seed(seed)
+    return to_images(gen.sample(context, keep, generator=noise, steps=steps, guidance_scale=guidance_scale))
+
+
+def _prompt(model, document) -> list[str | Image.Image]:
+    """Processor items: text, images, and the begin-of-image token before each drawn image (as
+    the training documents write an image that follows its text)."""
+    boi = model.config.tokens.begin_of_image
+    items: list[str | Image.Image] = []
+    for part in document:
+        if "text" in part:
+            items.append(part["text"])
+            continue
+        if part.get("generated"):
+            items.append(boi)
+        items.append(part["image"])
+    return items

@@ -1,0 +1,305 @@
+"""The image generation head (MM-Interleaved): targets, losses, conditioning, sampling, saving,
+and that a text-only model is untouched by it."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from interleaf import Flamingo, Processor
+from interleaf.config import FlamingoConfig, ImageGenerationConfig
+from interleaf.data import tinyworld
+from interleaf.data.collate import CollateConfig, Collator
+from interleaf.model.imagegen import Targets, find_targets
+from interleaf.train.checkpoints import init_weights
+
+from conftest import encode, open_gates, tiny_config
+from drawhelp import draw_config
+
+BOI = tinyworld.BEGIN_OF_IMAGE
+
+
+@pytest.fixture
+def drawer(backbones):
+    def make(**gen):
+        torch.manual_seed(0)
+        model = Flamingo.from_config(draw_config(backbones, **gen))
+        open_gates(model)
+        return model, Processor(model.tokenizer, model.image_processor, tokens=model.config.tokens)
+
+    return make
+
+
+def story_batch(processor, n=4, seed=0):
+    docs = list(tinyworld.iter_train_documents(seed, n, mix={"story": 0.5, "variation": 0.5}))
+    return Collator(processor, CollateConfig(max_tokens=128, max_images=4))(docs)
+
+
+def test_targets_are_the_images_announced_by_the_begin_of_image_token():
+    image, boi = 9, 7
+    ids = torch.tensor([[1, 5, boi, image, 5, image, 5, boi, image], [0, 0, image, 5, 5, boi, image, 5, 5]])
+    t = find_targets(ids, image, boi)
+    assert t.sample.tolist() == [0, 0, 1]
+    assert t.image.tolist() == [0, 2, 1]  # the un-announced image 1 of row 0 is read, not drawn
+    assert t.position.tolist() == [2, 7, 5]
+    assert len(find_targets(ids[:, :2], image, boi)) == 0
+
+
+def test_config_needs_the_token_and_a_vae_for_latents(backbones):
+    base = tiny_config(backbones)
+    with pytest.raises(ValueError, match="tokens.begin_of_image"):
+        dataclasses.replace(base, image_generation=ImageGenerationConfig())
+    with pytest.raises(ValueError, match="needs vae"):
+        ImageGenerationConfig(space="latent")
+    with pytest.raises(ValueError, match="condition_dropout"):
+        ImageGenerationConfig(condition_dropout=1.0)
+    with pytest.raises(ValueError, match="image_generation.unet.block_out_channels"):
+        FlamingoConfig.from_dict(
+            {"tokens": {"begin_of_image": BOI}, "image_generation": {"unet": {"block_out_channels": "x"}}}
+        )
+    with pytest.raises(ValueError, match="unknown key 'steps'"):
+        FlamingoConfig.from_dict({"tokens": {"begin_of_image": BOI}, "image_generation": {"steps": 3}})
+
+
+def test_the_begin_of_image_token_is_added_last(drawer, backbones):
+    model, processor = drawer()
+    text_only = Flamingo.from_config(tiny_config(backbones))
+    assert model.ids.begin_of_image == len(model.tokenizer) - 1
+    assert len(model.tokenizer) == len(text_only.tokenizer) + 1
+    for name in ("image", "end_of_chunk", "pad", "eos"):
+        assert getattr(model.ids, name) == getattr(text_only.ids, name)
+    assert processor.ids.begin_of_image == model.ids.begin_of_image
+
+
+def test_story_documents_teach_all_their_text_and_draw_their_images(drawer):
+    model, processor = drawer()
+    batch = story_batch(processor)
+    ids, labels = batch["input_ids"], batch["labels"]
+    boi, image = model.ids.begin_of_image, model.ids.image
+    announced = find_targets(ids, image, boi)
+    assert len(announced) >= 4
+    assert (labels[ids == image] == -100).all()
+    assert (labels[ids == boi] == boi).all()  # the model learns to announce an image
+    assert not (ids == model.ids.end_of_chunk).any()
+    real = batch["attention_mask"].bool() & (ids != image)
+    first = real.long().argmax(-1)  # the BOS of each row is context; every later real token is learned
+    for b in range(ids.shape[0]):
+        row = real[b].clone()
+        row[first[b]] = False
+        assert (labels[b][row] != -100).all()
+
+
+def test_the_training_loss_adds_the_weighted_diffusion_loss_and_trains_the_head(drawer):
+    model, processor = drawer(loss_weight=10.0)
+    model.train()
+    batch = story_batch(processor)
+    out = model(**batch)
+    assert out.image_loss is not None and out.image_loss > 0
+    assert torch.allclose(out.loss, out.text_loss + 10.0 * out.image_loss)
+    out.loss.backward()
+    gen = model.image_generator
+    for name, param in [
+        ("unet", gen.unet.conv_in.weight),
+        ("condition queries", gen.conditions.queries),
+        ("mmfs projection", gen.media_proj.weight),
+        ("resampler", model.resampler.latents),
+    ]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # a batch that announces no image has the text loss alone
+    ids, mask, pixels = encode(model, ["<image>two green squares"])
+    plain = model(ids, mask, pixels, labels=ids)
+    assert plain.image_loss is None and torch.equal(plain.loss, plain.text_loss)
+
+
+def test_the_condition_reads_the_states_up_to_its_token_and_mmfs_only_earlier_images(drawer):
+    model, _ = drawer()
+    gen = model.image_generator
+    states = torch.randn(2, 6, gen.conditions.proj.in_features)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    media = torch.randn(2, 3, 4, model.vision.dim)  # 3 image slots of 4 latents
+    targets = Targets(sample=torch.tensor([0, 1]), image=torch.tensor([0, 2]), position=torch.tensor([2, 4]))
+    context, keep = gen.context(states, mask, media, targets)
+    q = gen.cfg.num_conditions
+    assert context.shape == (2, q + 3 * 4, gen.cfg.condition_dim)
+    assert keep[0, q:].sum() == 0 and keep[1, q:].tolist() == [True] * 8 + [False] * 4
+    with torch.no_grad():
+        later = states.clone()
+        later[0, 3:] = torch.randn_like(later[0, 3:])  # after target 0's token
+        later_media = media.clone()
+        later_media[1, 2] = torch.randn_like(later_media[1, 2])  # target 1's own slot
+        again, _ = gen.context(later, mask, later_media, targets)
+        earlier = states.clone()
+        earlier[0, 1] += 1.0
+        moved, _ = gen.context(earlier, mask, media, targets)
+    # what may be read is the same, and masked keys weigh exactly 0: the same numbers
+    assert torch.equal(again[keep], context[keep])
+    assert (moved[0, :q] - context[0, :q]).abs().max() > 1e-4
+    null, null_keep = gen.null_context(context, keep)
+    assert null_keep[:, q:].sum() == 0 and torch.equal(null[0, 0], gen.null_condition[0].detach())
+
+
+def test_without_mmfs_the_decoder_reads_the_condition_only(drawer):
+    model, _ = drawer(mmfs=False)
+    gen = model.image_generator
+    assert not hasattr(gen, "media_proj")
+    states = torch.randn(1, 5, gen.conditions.proj.in_features)
+    media = torch.randn(1, 2, 4, model.vision.dim)
+    targets = Targets(sample=torch.tensor([0]), image=torch.tensor([1]), position=torch.tensor([4]))
+    context, keep = gen.context(states, torch.ones(1, 5, dtype=torch.long), media, targets)
+    assert context.shape[1] == gen.cfg.num_conditions and keep.all()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_drawing_is_seeded_and_guided(drawer, sampler):
+    model, processor = drawer(sampler=sampler)
+    prompts = [["here we have a red circle on a grey background."], ["a blue star."]]
+    first = model.draw(processor, prompts, seed=3)
+    again = model.draw(processor, prompts, seed=3)
+    other = model.draw(processor, prompts, seed=4)
+    unguided = model.draw(processor, prompts, seed=3, guidance_scale=1.0)
+    assert [im.size for im in first] == [(32, 32), (32, 32)]
+    raw = [im.tobytes() for im in (*first, *again, *other, *unguided)]
+    assert raw[0] == raw[2] and raw[1] == raw[3]  # same computation, same seed
+    assert raw[0] != raw[4] and raw[0] != raw[6]
+
+
+def announcing_after(model, n: int):
+    """Make the model write ``n`` tokens, then announce an image (a bias on the logits)."""
+    original = model.language_model.logits
+    boi = model.ids.begin_of_image
+
+    def logits(hidden):
+        out = original(hidden)
+        out[..., model.ids.eos] = -1e4
+        if logits.calls % (n + 1) == n:  # one call per generated token
+            out[..., boi] = 1e4
+        logits.calls += 1
+        return out
+
+    logits.calls = 0
+    model.language_model.logits = logits
+
+
+def kinds(doc):
+    return ["image" if "image" in part else "text" for part in doc]
+
+
+@pytest.mark.parametrize("mode", ["generate_texts", "generate_images"])
+def test_generate_interleaved_alternates_text_and_images(drawer, mode):
+    model, processor = drawer()
+    announcing_after(model, 3)
+    doc = model.generate_interleaved(processor, ["a page of shapes. "], mode=mode, num_iter=2, max_new_tokens=8)
+    expected = ["text", "image"] * 2 if mode == "generate_texts" else ["image", "text"] * 2
+    assert kinds(doc) == ["text", *expected]
+    assert not doc[0].get("generated") and all(part["generated"] for part in doc[1:])
+    assert all(part["image"].size == (32, 32) for part in doc if "image" in part)
+    announcing_after(model, 3)
+    again = model.generate_interleaved(processor, ["a page of shapes. "], mode=mode, num_iter=2, max_new_tokens=8)
+    for a, b in zip(doc, again, strict=True):  # seeded: the same document again
+        assert a["image"].tobytes() == b["image"].tobytes() if "image" in a else a == b
+
+
+def test_generate_interleaved_stops_when_the_model_ends_the_document(drawer):
+    model, processor = drawer()
+    original = model.language_model.logits
+
+    def ends(hidden):
+        out = original(hidden)
+        out[..., model.ids.eos] = 1e4
+        return out
+
+    model.language_model.logits = ends
+    doc = model.generate_interleaved(processor, ["a page of shapes. "], num_iter=3)
+    assert kinds(doc) == ["text"]  # EOS at once: nothing written, no image drawn
+
+
+def test_generate_interleaved_rejects_bad_requests(drawer, make_model):
+    model, processor = drawer()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.generate_interleaved(processor, ["x"], mode="draw")
+    with pytest.raises(ValueError, match="num_iter must be >= 1"):
+        model.generate_interleaved(processor, ["x"], num_iter=0)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.generate_interleaved(processor, [])
+    with pytest.raises(ValueError, match="expected an interleaved list"):
+        model.generate_interleaved(processor, "just a string")
+    text_only = make_model()
+    plain = Processor(text_only.tokenizer, text_only.image_processor)
+    with pytest.raises(ValueError, match="no image generation head"):
+        text_only.generate_interleaved(plain, ["x"])
+
+
+def test_a_drawing_model_saves_and_loads(drawer, tmp_path):
+    model, processor = drawer()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = Flamingo.from_pretrained(tmp_path)
+    again = Processor.from_pretrained(tmp_path)
+    assert loaded.config == model.config and again.tokens.begin_of_image == BOI
+    prompts = [["a red circle."]]
+    a = model.draw(processor, prompts, seed=1)[0]
+    b = loaded.draw(again, prompts, seed=1)[0]
+    assert a.tobytes() == b.tobytes()  # same weights, same computation
+
+
+def test_a_text_only_model_is_unchanged_by_learning_to_draw(backbones, make_model, tmp_path):
+    """Stage 2 -> stage 3: a text-only export, loaded into a model that draws (train.init_from),
+    reads and writes text exactly as before (the new token only adds a logit column)."""
+    text_only = make_model()
+    text_only.save_pretrained(tmp_path / "text")
+    assert json.loads((tmp_path / "text" / "config.json").read_text())["image_generation"] is None
+    reloaded = Flamingo.from_pretrained(tmp_path / "text")
+    assert reloaded.image_generator is None
+    assert "image_generation" not in json.dumps([n for n in reloaded.trainable_names])
+    torch.manual_seed(1)
+    drawing = Flamingo.from_config(draw_config(backbones))
+    copied = init_weights(drawing, tmp_path / "text")
+    assert not any(name.startswith("image_generator.") for name in copied)
+    ids, mask, pixels = encode(text_only, ["<image>a photo of a red circle<|endofchunk|><image>two", "plain text here"])
+    vocab = len(text_only.tokenizer)
+    with torch.no_grad():
+        before = text_only(ids, mask, pixels).logits
+        after = drawing(ids, mask, pixels).logits
+    assert after.shape[-1] == vocab + 1
+    assert torch.equal(after[..., :vocab], before)  # same weights, same computation for these columns
+
+
+def test_latent_space_with_a_local_vae(drawer, tmp_path):
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    model, processor = drawer(space="latent", vae=str(tmp_path / "vae"), image_size=32)
+    assert model.image_generator.sample_size == 16  # two blocks: one downsampling
+    model.train()
+    out = model(**story_batch(processor))
+    assert out.image_loss is not None and torch.isfinite(out.image_loss)
+    model.eval()
+    (image,) = model.draw(processor, [["a red circle."]])
+    assert image.size == (32, 32)
+    assert not any("vae" in name for name in model.state_dict())  # frozen and loaded by name, never saved
+
+
+def test_an_unloadable_vae_is_one_line(drawer, tmp_path):
+    with pytest.raises(ValueError, match="image_generation.vae: cannot load an AutoencoderKL from .*nowhere"):
+        drawer(space="latent", vae=str(tmp_path / "nowhere"))
+
+
+def test_the_perceiver_reads_the_token_embeddings_beside_the_last_states(drawer):
+    model, processor = drawer()
+    hidden = model.language_model.lm.config.hidden_size
+    assert model.image_generator.conditions.proj.in_features == 2 * hidden
+    ids = processor(["a red circle."])["input_ids"]
+    states = model.generation_states(ids, torch.zeros(1, ids.shape[1], hidden))
+    assert torch.equal(states[..., hidden:], model.language_model.embed(ids))
+    plain, _ = drawer(read_embeddings=False)
+    assert plain.image_generator.conditions.proj.in_features == hidden
+    last = torch.randn(1, ids.shape[1], hidden)
+    assert plain.generation_states(ids, last) is last
