@@ -75,6 +75,7 @@ class Collator:
         self.eoc = [processor.ids.end_of_chunk] if processor.ids.end_of_chunk is not None else []
         self.bos = special_prefix_ids(tok)  # what the processor's prompts start with too
         self.eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        self.begin_of_image = processor.tokens.begin_of_image
 
     def text_ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -97,6 +98,8 @@ class Collator:
         return enc
 
     def _interleaved(self, doc: Document, images: list[Image.Image]) -> Encoded:
+        if self.begin_of_image and any(self.begin_of_image in (s.text or "") for s in doc.segments):
+            return self._drawn(doc, images)
         enc = Encoded()
         enc.add(self.bos, learn=False)
         pictures = iter(images)
@@ -116,6 +119,25 @@ class Collator:
         if chunk_open:
             enc.add(self.eoc, learn=True)
         enc.add(self.eos, learn=False)
+        return enc
+
+    def _drawn(self, doc: Document, images: list[Image.Image]) -> Encoded:
+        """A document that writes its images (MM-Interleaved): an image follows the text that
+        announces it with the begin-of-image token. All its text is learned, the EOS too (the
+        model learns to write the text, to announce an image and to end); no <|endofchunk|>."""
+        enc = Encoded()
+        enc.add(self.bos, learn=False)
+        pictures = iter(images)
+        for segment in doc.segments:
+            if segment.image is not None:
+                if len(enc.images) == self.cfg.max_images:
+                    break
+                enc.image_starts.append(len(enc.ids))
+                enc.images.append(next(pictures))
+                enc.add(self.image_ids, learn=False)
+            else:
+                enc.add(self.text_ids(segment.text), learn=True)
+        enc.add(self.eos, learn=True)
         return enc
 
     def _chat(self, doc: Document, images: list[Image.Image]) -> Encoded:

@@ -30,6 +30,7 @@ Everything is a pure function of the seed: a per-item ``random.Random`` seeded w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -79,6 +80,8 @@ TRAIN_COMBOS = tuple(combo for combo in ALL_COMBOS if combo not in HELD_OUT)
 VQA_PROMPT = "Question: {question} Short answer:"
 OUTPUT_PROMPT = "Output:"
 """Prompts of the task and in-context documents; the answer follows after one space."""
+BEGIN_OF_IMAGE = "<|beginofimage|>"
+"""Ends a text that an image follows in the documents that teach drawing (``story``, ``variation``)."""
 
 DEFAULT_MIX = {"pair": 0.25, "interleaved": 0.15, "task": 0.2, "icl": 0.35, "chat": 0.05}
 ICL_EXAMPLES = (5, 9)  # examples per in-context document: room for 8 shots and a query
@@ -538,6 +541,132 @@ def _exemplar(rng: random.Random, granularity: str, label: str) -> tuple[str, st
     return colour, shape
 
 
+# ---------------------------------------------------------------------------------------------
+# Documents that teach drawing (MM-Interleaved): the text comes first, then the image it describes
+
+
+def drawn_scene(
+    rng: random.Random, combos: Sequence[tuple[str, str]] = TRAIN_COMBOS, *, held_out: bool = False
+) -> Scene:
+    """A picture of one kind of thing, 1-4 of them, which a caption describes completely
+    (colour, shape, count, size and background): one whose description is drawing-held-out
+    (:func:`drawing_held_out`) if ``held_out``, else one whose description is not."""
+    while True:
+        colour, shape = rng.choice(combos)
+        scene = uniform_scene(rng, colour, shape, rng.choice(SIZES), rng.randint(1, 4))
+        if drawing_held_out(scene) == held_out:
+            return scene
+
+
+def drawing_held_out(scene: Scene) -> bool:
+    """Whether no training document draws a picture of this description (colour, shape, count,
+    size, background): a fixed tenth of the descriptions, chosen by hash, kept for evaluation."""
+    (group,) = scene.groups()
+    key = f"{group.colour} {group.shape} {group.count} {group.size} {scene.background}"
+    return hashlib.sha256(key.encode()).digest()[0] % 10 == 0
+
+
+def _story_document(rng: random.Random, size: int) -> Built:
+    """One to three pictures, each after the caption that announces it with :data:`BEGIN_OF_IMAGE`."""
+    title = rng.choice(TITLES) + " " if rng.random() < 0.5 else ""
+    segments = []
+    for k in range(rng.randint(1, 3)):
+        scene = drawn_scene(rng)
+        text = rng.choice(NEXT if k else FIRST).format(caption(scene))
+        segments += [Segment(text=(title if k == 0 else "") + text + BEGIN_OF_IMAGE), picture(scene, size)]
+    return segments, {}
+
+
+def _variation_document(rng: random.Random, size: int) -> Built:
+    """A picture, then one that keeps its shape in another colour (or its colour with another
+    shape), the count, size and background too: only the first picture tells what to keep."""
+    while True:
+        first = drawn_scene(rng)
+        text, second = variation(rng, first)
+        if not drawing_held_out(second):
+            return [picture(first, size), Segment(text=text + BEGIN_OF_IMAGE), picture(second, size)], {}
+
+
+def variation(rng: random.Random, scene: Scene, keep: str | None = None) -> tuple[str, Scene]:
+    """``the same shape in blue.`` (``keep="shape"``) or ``the same color, but stars.``
+    (``keep="colour"``) and the scene it asks for: ``scene`` with its colour or shape changed."""
+    (group,) = scene.groups()
+    keep = keep or rng.choice(("shape", "colour"))
+    if keep == "shape":
+        colour, shape = rng.choice([c for c in TRAIN_COMBOS if c[1] == group.shape and c[0] != group.colour])
+        text = f"the same shape in {colour}."
+    else:
+        colour, shape = rng.choice([c for c in TRAIN_COMBOS if c[0] == group.colour and c[1] != group.shape])
+        text = f"the same color, but {shape}s."
+    things = tuple(dataclasses.replace(t, colour=colour, shape=shape) for t in scene.things)
+    return text, dataclasses.replace(scene, things=things, texture_seed=rng.getrandbits(32))
+
+
+@dataclass(frozen=True)
+class DrawingPrompt:
+    """A held-out prompt to draw from: ``prompt`` (text and earlier pictures, an interleaved
+    list) asks for ``scene``; ``checks`` are the attributes the prompt determines."""
+
+    prompt: tuple[Any, ...]
+    scene: Scene
+    checks: tuple[str, ...]
+
+
+def drawing_prompts(
+    seed: int = 0, n: int = 60, *, combos: Sequence[tuple[str, str]] = TRAIN_COMBOS
+) -> list[DrawingPrompt]:
+    """Captions to draw, as a story document opens (``here we have two large red circles on
+    a grey background.``), of descriptions no training document draws (:func:`drawing_held_out`);
+    ``combos=HELD_OUT`` asks for colour+shape combinations no training picture shows at all."""
+    prompts = []
+    for i in range(n):
+        rng = random.Random(f"tinyworld/{seed}/draw/{i}")
+        scene = drawn_scene(rng, sorted(combos), held_out=True)
+        text = rng.choice(FIRST).format(caption(scene))
+        prompts.append(DrawingPrompt((text,), scene, ("colour", "shape", "count", "size", "background")))
+    return prompts
+
+
+def variation_prompts(seed: int = 0, n: int = 60, *, keep: str = "shape", image_size: int = 32) -> list[DrawingPrompt]:
+    """A picture and ``the same shape in blue.`` (``keep="shape"``): the shape, count, size and
+    background must come from the picture, the colour from the text."""
+    prompts = []
+    for i in range(n):
+        rng = random.Random(f"tinyworld/{seed}/variation/{i}")
+        while True:  # the picture asked for has a description no training document draws
+            first = drawn_scene(rng)
+            text, second = variation(rng, first, keep)
+            if drawing_held_out(second):
+                break
+        image = render(first, image_size)
+        prompts.append(DrawingPrompt((image, text), second, ("colour", "shape", "count", "size", "background")))
+    return prompts
+
+
+def read_caption(text: str) -> dict[str, str]:
+    """The attributes a caption of one kind of thing names (``two large red circles on a grey
+    background.`` -> count 2, size large, colour red, shape circle, background grey): each the
+    first of its kind in the text (a number or article only right before a size, colour or
+    shape), absent when the text names none."""
+    words = re.findall(r"[a-z]+", text.lower())
+    kinds = {
+        "size": {s: s for s in SIZES},
+        "colour": {c: c for c in COLOURS},
+        "shape": {s: s for s in SHAPES} | {s + "s": s for s in SHAPES},
+    }
+    numbers = {word: str(n) for n, word in enumerate(NUMBERS) if n} | {"a": "1", "an": "1"}
+    found: dict[str, str] = {}
+    for word, after in zip(words, [*words[1:], ""]):
+        for kind, values in kinds.items():
+            if kind not in found and word in values:
+                found[kind] = values[word]
+        if "count" not in found and word in numbers and any(after in values for values in kinds.values()):
+            found["count"] = numbers[word]
+        if "background" not in found and word in BACKGROUNDS and after == "background":
+            found["background"] = word
+    return found
+
+
 OPENERS = ("describe this image.", "what is in this picture?", "what do you see?")
 
 
@@ -562,6 +691,8 @@ BUILDERS: dict[str, Callable[[random.Random, int], Built]] = {
     "task": _task_document,
     "icl": _icl_document,
     "chat": _chat_document,
+    "story": _story_document,  # text, then the image it describes: teaches drawing
+    "variation": _variation_document,
     # one rule only, for mixtures that want more of it than "icl" gives
     "icl_words": lambda rng, size: _word_document(rng, size, rng.randint(*ICL_EXAMPLES)),
     "icl_attribute": lambda rng, size: _attribute_document(rng, size, rng.randint(*ICL_EXAMPLES)),
