@@ -81,10 +81,12 @@ def existing_dir(text: str) -> Path:
     return Path(text)
 
 
-def demo(out: Path, seed: int, scale: float, *, device: str = "auto", dtype: str = "float32") -> None:
+def demo(
+    out: Path, seed: int, scale: float, *, device: str = "auto", dtype: str = "float32", generate: bool = False
+) -> None:
     from interleaf.demo import DemoOptions, run
 
-    run(DemoOptions(out=out, seed=seed, scale=scale, device=device, dtype=dtype))
+    run(DemoOptions(out=out, seed=seed, scale=scale, device=device, dtype=dtype, generate=generate))
 
 
 def generate(
@@ -131,6 +133,94 @@ def generate(
         return
     ids = model.generate(**batch, **settings)
     print(decode(processor.tokenizer, ids, stop)[0])
+
+
+def generate_interleaved(
+    model_dir: str,
+    *,
+    source: Path | None,
+    prompt: str | None,
+    images: list[Path],
+    out: Path,
+    mode: str,
+    num_iter: int,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    guidance_scale: float | None,
+    inference_steps: int | None,
+    device: str = "auto",
+    dtype: str | None = None,
+) -> None:
+    """Continue interleaved documents with text and drawn images (MM-Interleaved's inference):
+    those of an ``annt.json`` file (``source``; a document's own ``generate_mode`` and
+    ``num_iter`` win over ``mode`` and ``num_iter``), or one prompt whose ``<image>``
+    placeholders take ``images``. Writes PNGs, ``annt.json`` and ``index.html`` under ``out``."""
+    from interleaf.data.formats import read
+    from interleaf.data.pages import write_interleaved
+    from interleaf.data.schema import DataError, SkipCounter
+    from interleaf.model.flamingo import Flamingo
+    from interleaf.model.interleaved import MODES
+    from interleaf.processing import Processor
+
+    if (source is None) == (prompt is None):
+        raise ValueError("--interleaved takes --input annt.json or --prompt TEXT (one of them)")
+    if source is not None and images:
+        raise ValueError("--image goes with --prompt (an annt.json file names its own images)")
+    jobs = []
+    if source is not None:
+        counter = SkipCounter()
+        try:
+            docs = list(read(source, "annt", counter=counter, check_images=True))
+        except DataError as e:
+            raise ValueError(f"{source}: {e}") from None
+        if counter.skipped:
+            raise ValueError(f"{source}: {counter.report()}")
+        if not docs:
+            raise ValueError(f"{source}: no document")
+        for doc in docs:
+            items = [s.text if s.text is not None else s.image.load() for s in doc.segments]
+            doc_mode = doc.meta.get("generate_mode", mode)
+            doc_iter = doc.meta.get("num_iter", num_iter)
+            if doc_mode not in MODES:
+                raise ValueError(f"{doc.id}: generate_mode must be one of {list(MODES)}, got {doc_mode!r}")
+            if not isinstance(doc_iter, int) or isinstance(doc_iter, bool) or doc_iter < 1:
+                raise ValueError(f"{doc.id}: num_iter must be an integer >= 1, got {doc_iter!r}")
+            jobs.append((doc.id, items, doc_mode, doc_iter))
+    else:
+        pieces = prompt.split("<image>")
+        if len(pieces) - 1 != len(images):
+            raise ValueError(f"--prompt has {len(pieces) - 1} <image> placeholders for {len(images)} --image files")
+        items = [pieces[0]]
+        for image, piece in zip(images, pieces[1:]):
+            items += [image, piece]
+        jobs.append(("prompt", [i for i in items if i != ""], mode, num_iter))
+    model = Flamingo.from_pretrained(model_dir, device=device, dtype=dtype)
+    if model.image_generator is None:
+        raise ValueError(f"{model_dir}: this model does not draw (its config has no image_generation)")
+    processor = Processor.from_pretrained(model_dir)
+    written = []
+    for doc_id, items, doc_mode, doc_iter in jobs:
+        parts = model.generate_interleaved(
+            processor,
+            items,
+            mode=doc_mode,
+            num_iter=doc_iter,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            inference_steps=inference_steps,
+        )
+        written.append((doc_id, parts))
+        text = " ".join(p.get("text", "<image>") for p in parts if p.get("generated"))
+        print(f"{doc_id}: {text}")
+    paths = write_interleaved(written, out)
+    print(f"wrote {len(paths['images'])} images, {paths['json']} and {paths['html']}")
 
 
 def chat(model_dir: str, *, max_new_tokens: int, temperature: float, seed: int | None, device: str, dtype) -> None:
@@ -440,10 +530,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--scale", type=positive_float, default=1.0, help="multiply data and steps (0.25: quick look; 2: stronger)"
     )
+    d.add_argument(
+        "--generate",
+        action="store_true",
+        help="then learn to draw (MM-Interleaved): stage 3 with and without MMFS, scored by an attribute classifier",
+    )
 
     g = verbs.add_parser("generate", help="generate from an interleaved prompt")
     g.add_argument("--model", required=True, help="an interleaf checkpoint directory or hub id")
-    g.add_argument("--prompt", required=True, help="text with one <image> placeholder per --image")
+    g.add_argument("--prompt", help="text with one <image> placeholder per --image")
     g.add_argument("--image", type=existing_file, action="append", default=[], help="an image file (repeat, in order)")
     g.add_argument("--max-new-tokens", type=positive_int, default=32)
     g.add_argument("--num-beams", type=positive_int, default=1)
@@ -453,6 +548,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="end the text before this string (repeat for several)")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    g.add_argument(
+        "--interleaved", action="store_true", help="write text and draw images in turn (a model with image generation)"
+    )
+    g.add_argument("--input", type=existing_file, help="with --interleaved: an MM-Interleaved annt.json of documents")
+    g.add_argument("--out", type=Path, help="with --interleaved: where the PNGs, annt.json and index.html go")
+    g.add_argument("--mode", choices=("generate_texts", "generate_images"), default="generate_texts")
+    g.add_argument("--num-iter", type=positive_int, default=1, help="rounds of text and image")
+    g.add_argument("--guidance-scale", type=non_negative_float, help="classifier-free guidance (default: the model's)")
+    g.add_argument("--inference-steps", type=positive_int, help="sampler steps (default: the model's)")
     placement_options(g)
 
     ch = verbs.add_parser("chat", help="talk to a model in the terminal (/image PATH, /reset, /quit)")
@@ -583,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.verb == "demo":
-            demo(args.out, args.seed, args.scale, device=args.device, dtype=args.dtype)
+            demo(args.out, args.seed, args.scale, device=args.device, dtype=args.dtype, generate=args.generate)
         elif args.verb == "eval" and args.action == "report":
             eval_report(args.results, args.out)
         elif args.verb == "eval":
@@ -640,7 +744,32 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.verb == "serve":
             serve(args.model, args)
+        elif args.verb == "generate" and args.interleaved:
+            if args.out is None:
+                raise ValueError("--interleaved needs --out DIR (where the documents are written)")
+            generate_interleaved(
+                args.model,
+                source=args.input,
+                prompt=args.prompt,
+                images=args.image,
+                out=args.out,
+                mode=args.mode,
+                num_iter=args.num_iter,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.sample,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed or 0,
+                guidance_scale=args.guidance_scale,
+                inference_steps=args.inference_steps,
+                device=args.device,
+                dtype=args.dtype,
+            )
         elif args.verb == "generate":
+            if args.prompt is None:
+                raise ValueError("--prompt is required (or --interleaved with --input)")
+            if args.input is not None or args.out is not None:
+                raise ValueError("--input and --out go with --interleaved")
             generate(
                 args.model,
                 args.prompt,

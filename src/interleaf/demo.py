@@ -35,6 +35,7 @@ from typing import Any
 from interleaf.config import (
     CrossAttentionConfig,
     FlamingoConfig,
+    ImageGenerationConfig,
     LMConfig,
     ResamplerConfig,
     VisionConfig,
@@ -42,8 +43,11 @@ from interleaf.config import (
 from interleaf.data import tinyworld
 from interleaf.data.collate import CollateConfig
 from interleaf.data.formats import read
+from interleaf.data.pages import write_interleaved
 from interleaf.data.shards import write_shards
+from interleaf.eval import drawing
 from interleaf.eval.harness import EvalConfig, Prompter, answer_text, evaluate, rank_candidates
+from interleaf.eval.imagegen import load_classifier, save_classifier, train_classifier
 from interleaf.eval.report import plot, table
 from interleaf.eval.rices import Rices
 from interleaf.eval.tasks import load_task
@@ -64,6 +68,7 @@ from interleaf.train.loop import train
 
 TASKS = ("tinyworld_classification", "tinyworld_vqa", "tinyworld_caption")
 STAGE2_MIX = {"icl_colour_words": 0.3, "icl": 0.3, "task": 0.2, "interleaved": 0.1, "pair": 0.1}
+DRAW_MIX = {"story": 0.55, "variation": 0.3, "interleaved": 0.15}  # drawing, and reading kept up
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +86,10 @@ class DemoOptions:
     shots: tuple[int, ...] = (0, 2, 4, 8)
     demos: tuple[str, ...] = ("rices", "random")
     progress: bool = True
+    generate: bool = False  # then learn to draw: stage 3 with and without MMFS, and the drawing evaluation
+    draw_steps: int = 1500
+    draw_queries: int = 60  # held-out prompts per drawing test
+    draw_documents: int = 20  # documents written from a title alone (coherence)
     device: str = "auto"  # the Flamingo stages and the evaluation: auto (a GPU when there is one), cpu, cuda, cuda:N
     dtype: str = "float32"  # bfloat16: frozen weights in bf16 and autocast in training, bf16 weights in evaluation
 
@@ -100,6 +109,7 @@ class DemoOptions:
             ),
             stage1_steps=s(self.stage1_steps),
             stage2_steps=s(self.stage2_steps),
+            draw_steps=s(self.draw_steps),
         )
 
 
@@ -166,6 +176,8 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     figure = plot(reports, opts.out / "fewshot.png")
     print(f"\nplot: {figure}")
     answer = _answer(model_dir, world, opts.out / "examples", opts)
+    if opts.generate:
+        answer["drawing"] = _drawing_stages(stages, opts, lm, vision, stage2)
     seconds = time.perf_counter() - start
     print(f"\ndone in {seconds:.0f}s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.times.items()))
     return {"reports": reports, "times": stages.times, "seconds": seconds, "model": model_dir, **answer}
@@ -336,3 +348,83 @@ def _answer(model_dir: Path, world: Path, examples: Path, opts: DemoOptions) -> 
     print(f"generated caption: {caption!r}; a reference: {queries[0].answers[0]!r}")
     print("the same prompt from the command line: " + " ".join(command))
     return {"answer": named, "expected": query.answers[0], "caption": caption, "command": " ".join(command)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing (interleaf demo --generate): MM-Interleaved's image generation on the tiny world
+
+
+def draw_config(lm: Path, vision: Path, *, mmfs: bool = True) -> FlamingoConfig:
+    """The demo's Flamingo with an image decoder: a pixel-space UNet at 32x32 conditioned on 8
+    vectors from the LM's states (and, with ``mmfs``, on the earlier pictures); the LM frozen
+    (stage 2 trained it), the new token, the resampler and the cross-attention train with it."""
+    base = flamingo_config(lm, vision)
+    return dataclasses.replace(
+        base,
+        tokens=dataclasses.replace(base.tokens, begin_of_image=tinyworld.BEGIN_OF_IMAGE),
+        image_generation=ImageGenerationConfig(mmfs=mmfs, num_conditions=8, condition_dim=64),
+    )
+
+
+def _drawing_stages(stages: Stages, opts: DemoOptions, lm: Path, vision: Path, stage2: Path) -> dict[str, Any]:
+    """Stage 3 twice (with and without MMFS, from stage 2), the attribute classifier, and the
+    drawing evaluation; prints the table and writes the picture grid and the written documents."""
+    after = dict(stages.digests)
+    shards = opts.out / "draw-shards"
+    config = {"steps": opts.draw_steps, "batch": opts.batch_size, "dtype": opts.dtype, "after": after}
+    runs = {
+        name: stages.run(
+            f"flamingo-draw{suffix}",
+            {**config, "mmfs": mmfs},
+            lambda d, mmfs=mmfs: _draw_stage(d, opts, shards, lm, vision, stage2, mmfs),
+        )
+        for name, suffix, mmfs in (("mmfs", "", True), ("no mmfs", "-nommfs", False))
+    }
+    classifier = stages.run("draw-classifier", {"seed": opts.seed}, lambda d: _classifier(d, opts))
+    evaluation = stages.run(
+        "draw-eval",
+        {"queries": opts.draw_queries, "documents": opts.draw_documents, "after": dict(stages.digests)},
+        lambda d: _draw_eval(d, opts, runs, classifier),
+    )
+    result = json.loads((evaluation / "drawing.json").read_text())
+    print("\ndrawing, read by an attribute classifier (% of pictures with the attribute asked for)\n")
+    print((evaluation / "table.md").read_text())
+    print(f"\npictures: {evaluation / 'drawings.png'}; written documents: {evaluation / 'documents' / 'index.html'}")
+    return result
+
+
+def _draw_stage(where: Path, opts: DemoOptions, shards: Path, lm: Path, vision: Path, stage2: Path, mmfs: bool) -> None:
+    """From stage 2's weights: documents that teach drawing (a caption, then its picture; a
+    picture, then "the same shape in blue.", then that picture) and interleaved ones."""
+    if not (shards / "done").exists():
+        docs = tinyworld.iter_train_documents(opts.seed + 2, opts.documents, mix=DRAW_MIX)
+        write_shards(docs, shards, max_samples=500)
+        (shards / "done").write_text("")
+    recipe = _recipe(where, opts, draw_config(lm, vision, mmfs=mmfs), {"draw": str(shards)}, opts.draw_steps, 1e-3)
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=str(stage2 / "final")))
+    result = train(recipe)
+    print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")
+
+
+def _classifier(where: Path, opts: DemoOptions) -> None:
+    save_classifier(train_classifier(seed=opts.seed, progress=opts.progress), where / "classifier")
+
+
+def _draw_eval(where: Path, opts: DemoOptions, runs: dict[str, Path], classifier_dir: Path) -> None:
+    classifier = load_classifier(classifier_dir / "classifier")
+    results: dict[str, Any] = {}
+    tables = []
+    for name, run_dir in runs.items():
+        model, processor = _load(run_dir / "final", opts)
+        scores = drawing.drawing_scores(model, processor, classifier, seed=opts.seed, n=opts.draw_queries)
+        coherent = None
+        if name == "mmfs":
+            coherent = drawing.coherence(model, processor, classifier, seed=opts.seed, documents=opts.draw_documents)
+            prompts, images = scores["images"]["prompts"]
+            drawing.grid([" ".join(p.prompt) for p in prompts[:18]], images[:18], where / "drawings.png")
+            write_interleaved([(f"story-{i}", d) for i, d in enumerate(coherent.pop("documents"))], where / "documents")
+        scores.pop("images")
+        results[name] = {"scores": scores, "coherence": coherent}
+        tables.append(f"{name}:\n\n" + drawing.table(scores, coherent))
+    (where / "drawing.json").write_text(json.dumps(results, indent=2) + "\n")
+    (where / "table.md").write_text("\n\n".join(tables) + "\n")
