@@ -108,6 +108,9 @@ def test_train_verb_reports_the_trainable_parameters_and_trains(tmp_path, backbo
     assert report["lora"] > 0 and report["lm"] == 0
     assert f"trainable parameters: {report['total']:,} of " in out
     for group in GROUPS:
+        if group == "image_generation":  # listed only for a model that draws
+            assert group not in out
+            continue
         assert re.search(rf"^\s+{group}\s+{report[group]:,}$", out, re.MULTILINE), group
     assert "trained to step 2" in out
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -226,6 +226,7 @@ class ImageGenerationConfig:
     # token itself ("green"), which a small LM's last layer (tuned to predict the next token)
     # hardly keeps; False: the last hidden state alone, as MM-Interleaved reads its 7B LM
     read_embeddings: bool = True
+    max_distance: int = 64  # tokens back from the begin-of-image token the Perceiver tells apart
     max_images: int = 8  # earlier images MMFS tells apart (a learned embedding each)
     space: Literal["pixel", "latent"] = "pixel"
     image_size: int = 32
@@ -246,7 +247,17 @@ class ImageGenerationConfig:
 
     def __post_init__(self):
         _validate(
-            self, ("num_conditions", "condition_dim", "depth", "heads", "head_dim", "image_size", "inference_steps")
+            self,
+            (
+                "num_conditions",
+                "condition_dim",
+                "depth",
+                "heads",
+                "head_dim",
+                "image_size",
+                "inference_steps",
+                "max_distance",
+            ),
         )
         if self.train_timesteps < 2:
             raise ValueError(f"ImageGenerationConfig.train_timesteps must be >= 2, got {self.train_timesteps}")

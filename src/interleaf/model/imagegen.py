@@ -62,7 +62,10 @@ def _diffusers():
 
 
 class ConditionPerceiver(nn.Module):
-    """(n, T, D_lm) LM states, (n, T) which may be read -> (n, Q, C) condition vectors."""
+    """(n, T, D_lm) LM states, (n, T) which may be read, (n, T) each token's distance back from
+    the begin-of-image token -> (n, Q, C) condition vectors. The distance (a learned embedding,
+    the last one shared by all farther tokens) tells the caption of this image from those of
+    the document's earlier images, which the states alone hardly do."""
 
     def __init__(self, lm_dim: int, cfg: ImageGenerationConfig):
         super().__init__()
@@ -71,12 +74,13 @@ class ConditionPerceiver(nn.Module):
             depth=cfg.depth, num_latents=cfg.num_conditions, heads=cfg.heads, head_dim=cfg.head_dim
         )
         self.proj = nn.Linear(lm_dim, dim)
+        self.distance = nn.Embedding(cfg.max_distance, dim)
         self.queries = nn.Parameter(torch.randn(cfg.num_conditions, dim) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(dim, layer_cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, states: Tensor, mask: Tensor) -> Tensor:
-        x = self.proj(states)
+    def forward(self, states: Tensor, mask: Tensor, distance: Tensor) -> Tensor:
+        x = self.proj(states) + self.distance(distance.clamp(0, self.distance.num_embeddings - 1))
         latents = self.queries.expand(states.shape[0], -1, -1)
         for layer in self.layers:
             latents = layer(x, latents, mask)
@@ -135,9 +139,9 @@ class ImageGenerator(nn.Module):
         """The UNet's cross-attention input of each target, (n, S, C), and which of it may be
         read, (n, S): the condition vectors, then (with ``mmfs``) the earlier images' latents."""
         length = states.shape[1]
-        readable = torch.arange(length, device=states.device) <= targets.position[:, None]
-        readable = readable & attention_mask[targets.sample].bool()
-        cond = self.conditions(states[targets.sample], readable)  # (n, Q, C)
+        distance = targets.position[:, None] - torch.arange(length, device=states.device)  # (n, T)
+        readable = (distance >= 0) & attention_mask[targets.sample].bool()
+        cond = self.conditions(states[targets.sample], readable, distance)  # (n, Q, C)
         keep = cond.new_ones(cond.shape[:2], dtype=torch.bool)
         if not self.cfg.mmfs or media is None:
             return cond, keep
