@@ -256,8 +256,9 @@ class StopRule:
             ids.append(model.ids.eos)
         if cfg.stop_at_end_of_chunk and model.ids.end_of_chunk is not None:
             ids.append(model.ids.end_of_chunk)
-        if cfg.stop_at_begin_of_image and model.ids.begin_of_image is not None:
-            ids.append(model.ids.begin_of_image)
+        begin_of_image = getattr(model.ids, "begin_of_image", None)  # a model that draws
+        if cfg.stop_at_begin_of_image and begin_of_image is not None:
+            ids.append(begin_of_image)
         self.token_ids = ids
         self.strings = cfg.stop_strings
         self.tokenizer = model.tokenizer

@@ -66,6 +66,7 @@ def expected_report(model: Flamingo, recipe) -> dict[str, int]:
         "lm": lm_group if t.lm else 0,
         "lora": lora,
         "vision": sum(p.numel() for p in model.vision.parameters()) if t.vision else 0,
+        "image_generation": 0,  # no shipped recipe draws
     }
     return {**report, "total": sum(report.values())}
 
