@@ -1,6 +1,7 @@
 """Shared fixtures: tiny backbones written to disk once per session, never a hub."""
 
 import os
+import signal
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +14,7 @@ import transformers
 
 from interleaf import Flamingo, FlamingoConfig
 from interleaf.config import CrossAttentionConfig, LMConfig, ResamplerConfig, VisionConfig
+from interleaf.data.stream import Loader
 from interleaf.tiny import LM_FAMILIES, build_lm, build_tokenizer, build_vision
 
 transformers.utils.logging.disable_progress_bar()
@@ -132,3 +134,17 @@ def shards(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("world-shards")
     write_shards(iter_train_documents(seed=0, n=40), out, max_samples=20)
     return str(out)
+
+
+class SignalAfter(Loader):
+    """A loader that raises SIGTERM as it hands out batch ``at`` (as a kill mid-run would)."""
+
+    def __init__(self, loader: Loader, at: int):
+        super().__init__(loader.dataset, num_workers=loader.num_workers)
+        self.at = at
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.batches == self.at:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch

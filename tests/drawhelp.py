@@ -2,11 +2,9 @@
 begin-of-image token, and a UNet of two levels with a few channels."""
 
 import dataclasses
-import signal
 
 from interleaf.config import FlamingoConfig, ImageGenerationConfig, TokensConfig, UNetConfig
 from interleaf.data import tinyworld
-from interleaf.data.stream import Loader
 
 from conftest import tiny_config
 
@@ -28,17 +26,3 @@ def draw_config(backbones, base: FlamingoConfig | None = None, **gen) -> Flaming
         tokens=TokensConfig(begin_of_image=tinyworld.BEGIN_OF_IMAGE),
         image_generation=ImageGenerationConfig(**{**SMALL, **gen}),
     )
-
-
-class SignalAfter(Loader):
-    """A loader that raises SIGTERM as it hands out batch ``at`` (as a kill mid-run would)."""
-
-    def __init__(self, loader: Loader, at: int):
-        super().__init__(loader.dataset, num_workers=loader.num_workers)
-        self.at = at
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            if self.batches == self.at:
-                signal.raise_signal(signal.SIGTERM)
-            yield batch

@@ -16,8 +16,8 @@ from interleaf.model.flamingo import Flamingo
 from interleaf.train import loop as loop_module
 from interleaf.train.loop import train
 
-from conftest import tiny_config, tiny_recipe
-from drawhelp import SignalAfter, draw_config
+from conftest import SignalAfter, tiny_config, tiny_recipe
+from drawhelp import draw_config
 
 
 @pytest.fixture(scope="module")

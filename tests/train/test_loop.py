@@ -2,38 +2,22 @@
 
 import dataclasses
 import json
-import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from interleaf.data.stream import Loader
 from interleaf.model.flamingo import Flamingo
 from interleaf.train import loop as loop_module
 from interleaf.train.checkpoints import init_weights
 from interleaf.train.config import Recipe
 from interleaf.train.loop import train
 
-from conftest import tiny_config, tiny_recipe
+from conftest import SignalAfter, tiny_config, tiny_recipe
 
 
 def recipe(backbones, shards, out_dir, **train) -> Recipe:
     return tiny_recipe(backbones, shards, out_dir, **train)
-
-
-class SignalAfter(Loader):
-    """A loader that raises SIGTERM as it hands out batch ``at`` (as a kill mid-run would)."""
-
-    def __init__(self, loader: Loader, at: int):
-        super().__init__(loader.dataset, num_workers=loader.num_workers)
-        self.at = at
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            if self.batches == self.at:
-                signal.raise_signal(signal.SIGTERM)
-            yield batch
 
 
 def test_loss_falls_and_frozen_weights_stay(backbones, make_model, shards, tmp_path):
