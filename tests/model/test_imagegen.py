@@ -110,7 +110,7 @@ def test_the_training_loss_adds_the_weighted_diffusion_loss_and_trains_the_head(
     # a batch that announces no image has the text loss alone
     ids, mask, pixels = encode(model, ["<image>two green squares"])
     plain = model(ids, mask, pixels, labels=ids)
-    assert plain.image_loss is None and torch.equal(plain.loss, plain.text_loss)
+    assert plain.image_loss is None and torch.equal(plain.loss, plain.text_loss)  # one tensor, nothing added
 
 
 def test_the_condition_reads_the_states_up_to_its_token_and_mmfs_only_earlier_images(drawer):
@@ -298,7 +298,7 @@ def test_the_perceiver_reads_the_token_embeddings_beside_the_last_states(drawer)
     assert model.image_generator.conditions.proj.in_features == 2 * hidden
     ids = processor(["a red circle."])["input_ids"]
     states = model.generation_states(ids, torch.zeros(1, ids.shape[1], hidden))
-    assert torch.equal(states[..., hidden:], model.language_model.embed(ids))
+    assert torch.equal(states[..., hidden:], model.language_model.embed(ids))  # the same lookup of the same ids
     plain, _ = drawer(read_embeddings=False)
     assert plain.image_generator.conditions.proj.in_features == hidden
     last = torch.randn(1, ids.shape[1], hidden)
