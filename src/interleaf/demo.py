@@ -87,7 +87,7 @@ class DemoOptions:
     demos: tuple[str, ...] = ("rices", "random")
     progress: bool = True
     generate: bool = False  # then learn to draw: stage 3 with and without MMFS, and the drawing evaluation
-    draw_steps: int = 1500
+    draw_steps: int = 2000
     draw_queries: int = 60  # held-out prompts per drawing test
     draw_documents: int = 20  # documents written from a title alone (coherence)
     device: str = "auto"  # the Flamingo stages and the evaluation: auto (a GPU when there is one), cpu, cuda, cuda:N
@@ -356,7 +356,8 @@ def _answer(model_dir: Path, world: Path, examples: Path, opts: DemoOptions) -> 
 
 def draw_config(lm: Path, vision: Path, *, mmfs: bool = True) -> FlamingoConfig:
     """The demo's Flamingo with an image decoder: a pixel-space UNet at 32x32 conditioned on 8
-    vectors from the LM's states (and, with ``mmfs``, on the earlier pictures); the LM frozen
+    vectors from the LM's states and the 16 latest tokens (and, with ``mmfs``, on the earlier
+    pictures); the LM frozen
     (stage 2 trained it), the new token, the resampler and the cross-attention train with it."""
     base = flamingo_config(lm, vision)
     return dataclasses.replace(

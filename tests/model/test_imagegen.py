@@ -131,7 +131,7 @@ def test_the_condition_reads_the_states_up_to_its_token_and_mmfs_only_earlier_im
         later_media[1, 2] = torch.randn_like(later_media[1, 2])  # target 1's own slot
         again, _ = gen.context(later, mask, later_media, targets)
         earlier = states.clone()
-        earlier[0, 1] += 1.0
+        earlier[0, 1] += torch.randn_like(earlier[0, 1])
         moved, _ = gen.context(earlier, mask, media, targets)
     # what may be read is the same, and masked keys weigh exactly 0: the same numbers
     assert torch.equal(again[keep], context[keep])
@@ -303,3 +303,71 @@ def test_the_perceiver_reads_the_token_embeddings_beside_the_last_states(drawer)
     assert plain.image_generator.conditions.proj.in_features == hidden
     last = torch.randn(1, ids.shape[1], hidden)
     assert plain.generation_states(ids, last) is last
+
+
+def test_the_decoder_also_reads_the_latest_tokens_themselves(drawer):
+    model, _ = drawer(token_context=3)
+    gen = model.image_generator
+    q, width = gen.cfg.num_conditions, 3
+    states = torch.randn(2, 6, gen.conditions.proj.in_features)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 0] = 0  # left padding
+    media = torch.randn(2, 3, 4, model.vision.dim)
+    targets = Targets(sample=torch.tensor([0, 1]), image=torch.tensor([0, 2]), position=torch.tensor([4, 1]))
+    context, keep = gen.context(states, mask, media, targets)
+    assert context.shape == (2, q + width + 3 * 4, gen.cfg.condition_dim)
+    # target 0 reads tokens 4, 3, 2; target 1 only token 1 (0 is padding, -1 does not exist)
+    assert keep[:, q : q + width].tolist() == [[True] * 3, [True, False, False]]
+    with torch.no_grad():
+        moved = states.clone()
+        moved[0, 3] += torch.randn_like(moved[0, 3])  # a token in target 0's window
+        after, _ = gen.context(moved, mask, media, targets)
+        later = states.clone()
+        later[0, 5] += torch.randn_like(later[0, 5])  # after target 0's token: never read
+        unseen, _ = gen.context(later, mask, media, targets)
+    assert (after[0, q + 1] - context[0, q + 1]).abs().max() > 1e-3 and torch.equal(after[0, q + 2], context[0, q + 2])
+    assert torch.equal(unseen[keep], context[keep])
+    # the pooled condition: the queries' mean plus the mean of the tokens read; the null one has no token
+    pooled = gen.pooled(context, keep)
+    expected = context[0, :q].mean(0) + context[0, q : q + width].mean(0)
+    assert torch.allclose(pooled[0], expected, atol=1e-6)  # the same sums in another order
+    assert torch.allclose(pooled[1], context[1, :q].mean(0) + context[1, q], atol=1e-6)
+    null, null_keep = gen.null_context(context, keep)
+    assert not null_keep[:, q:].any()
+    assert torch.allclose(gen.pooled(null, null_keep), gen.null_condition.mean(0).expand(2, -1), atol=1e-6)
+    with pytest.raises(ValueError, match="token_context"):
+        ImageGenerationConfig(token_context=65)
+
+
+def test_the_states_and_the_embeddings_count_whatever_their_scale(drawer):
+    model, _ = drawer(token_context=2)
+    gen = model.image_generator
+    half = gen.conditions.proj.in_features // 2
+    states = torch.randn(1, 5, 2 * half)
+    targets = Targets(sample=torch.tensor([0]), image=torch.tensor([0]), position=torch.tensor([4]))
+    mask = torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        context, _ = gen.context(states, mask, None, targets)
+        small = states.clone()
+        small[..., half:] *= 0.1  # a small LM's embeddings beside its hidden states
+        rescaled, _ = gen.context(small, mask, None, targets)
+        changed = states.clone()
+        changed[0, 3, half:] = torch.randn(half) * 0.1
+        other, _ = gen.context(changed, mask, None, targets)
+    # each part is normalised on its own: a smaller part is the same input (up to layer norm's eps)
+    assert torch.allclose(rescaled, context, atol=2e-3)
+    # and a small embedding that changes still changes the condition as much as a large one would
+    assert (other - context).abs().max() > 0.1
+
+
+def test_several_noise_draws_per_image(drawer):
+    model, processor = drawer(noise_draws=3)
+    model.train()
+    rows = []
+    model.image_generator.unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    batch = story_batch(processor)
+    out = model(**batch)
+    targets = find_targets(batch["input_ids"], model.ids.image, model.ids.begin_of_image)
+    assert rows == [3 * len(targets)] and out.image_loss > 0
+    with pytest.raises(ValueError, match="noise_draws"):
+        ImageGenerationConfig(noise_draws=0)

@@ -73,18 +73,34 @@ class ConditionPerceiver(nn.Module):
         layer_cfg = ResamplerConfig(
             depth=cfg.depth, num_latents=cfg.num_conditions, heads=cfg.heads, head_dim=cfg.head_dim
         )
+        # each part of the states (the last hidden state; the input embedding) normalised on its
+        # own: a small LM's embeddings are some 20 times smaller than its hidden states, and
+        # would hardly count in a projection of the two side by side
+        parts = 2 if cfg.read_embeddings else 1
+        self.input_norms = nn.ModuleList(nn.LayerNorm(lm_dim // parts) for _ in range(parts))
         self.proj = nn.Linear(lm_dim, dim)
         self.distance = nn.Embedding(cfg.max_distance, dim)
         self.queries = nn.Parameter(torch.randn(cfg.num_conditions, dim) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(dim, layer_cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
+        self.token_norm = nn.LayerNorm(dim) if cfg.token_context else nn.Identity()
+        self.token_context = cfg.token_context
 
-    def forward(self, states: Tensor, mask: Tensor, distance: Tensor) -> Tensor:
+    def forward(self, states: Tensor, mask: Tensor, distance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> the condition vectors (n, Q, C), and (``token_context`` W) the last W tokens up to
+        the begin-of-image token, (n, W, C), the latest first, with which of them exist, (n, W)."""
+        parts = states.chunk(len(self.input_norms), -1)
+        states = torch.cat([norm(part) for norm, part in zip(self.input_norms, parts)], -1)
         x = self.proj(states) + self.distance(distance.clamp(0, self.distance.num_embeddings - 1))
         latents = self.queries.expand(states.shape[0], -1, -1)
         for layer in self.layers:
             latents = layer(x, latents, mask)
-        return self.norm(latents)
+        back = torch.arange(self.token_context, device=states.device)
+        index = (distance == 0).long().argmax(1)[:, None] - back  # (n, W): the token's position, back
+        exists = index >= 0
+        index = index.clamp(min=0)
+        tokens = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        return self.norm(latents), self.token_norm(tokens), exists & mask.gather(1, index)
 
 
 class ImageGenerator(nn.Module):
@@ -141,8 +157,9 @@ class ImageGenerator(nn.Module):
         length = states.shape[1]
         distance = targets.position[:, None] - torch.arange(length, device=states.device)  # (n, T)
         readable = (distance >= 0) & attention_mask[targets.sample].bool()
-        cond = self.conditions(states[targets.sample], readable, distance)  # (n, Q, C)
-        keep = cond.new_ones(cond.shape[:2], dtype=torch.bool)
+        cond, tokens, exists = self.conditions(states[targets.sample], readable, distance)
+        keep = torch.cat([cond.new_ones(cond.shape[:2], dtype=torch.bool), exists], 1)
+        cond = torch.cat([cond, tokens], 1)  # (n, Q + W, C)
         if not self.cfg.mmfs or media is None:
             return cond, keep
         earlier = media[targets.sample]  # (n, N, L, D): the sample's images
@@ -157,7 +174,7 @@ class ImageGenerator(nn.Module):
         return torch.cat([cond, rearrange(earlier, "n i l c -> n (i l) c")], 1), torch.cat([keep, seen.flatten(1)], 1)
 
     def null_context(self, context: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        """The unconditional input: the null condition, no earlier image."""
+        """The unconditional input: the null condition, no token, no earlier image."""
         q = self.cfg.num_conditions
         null = self.null_condition.to(context.dtype).expand(context.shape[0], -1, -1)
         return torch.cat([null, context[:, q:]], 1), torch.cat([keep[:, :q], torch.zeros_like(keep[:, q:])], 1)
@@ -207,17 +224,19 @@ class ImageGenerator(nn.Module):
         self, states: Tensor, attention_mask: Tensor, media: Tensor | None, targets: Targets, pixel_values: Tensor
     ) -> Tensor:
         """The denoising loss (mean squared error of the predicted noise, or velocity) of the
-        targets, at uniformly drawn timesteps; the null condition replaces a target's condition
-        with probability ``condition_dropout``."""
+        targets, at uniformly drawn timesteps (``noise_draws`` per target); the null condition
+        replaces a draw's condition with probability ``condition_dropout``."""
         x0 = self.encode(self.to_unit(pixel_values[targets.sample, targets.image]))
         context, keep = self.context(states, attention_mask, media, targets)
-        drop = torch.rand(len(targets), device=x0.device) < self.cfg.condition_dropout
+        draws = self.cfg.noise_draws  # each target k times, with its own timestep and noise
+        x0, context, keep = (x.repeat_interleave(draws, 0) for x in (x0, context, keep))
+        drop = torch.rand(len(x0), device=x0.device) < self.cfg.condition_dropout
         null, null_keep = self.null_context(context, keep)
         context = torch.where(drop[:, None, None], null, context)
         keep = torch.where(drop[:, None], null_keep, keep)
         schedule = self.scheduler()
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.cfg.train_timesteps, (len(targets),), device=x0.device)
+        t = torch.randint(0, self.cfg.train_timesteps, (len(x0),), device=x0.device)
         noisy = schedule.add_noise(x0, noise, t)
         target = noise if self.cfg.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, t)
         pred = self.denoise(noisy, t, context, keep)
@@ -238,8 +257,8 @@ class ImageGenerator(nn.Module):
         """The UNet's prediction (noise or velocity) for ``sample`` at timestep(s) ``t``."""
         dtype = next(self.unet.parameters()).dtype
         pooled = None
-        if self.cfg.unet.pooled_condition:  # the mean of the condition vectors (never the images)
-            pooled = context[:, : self.cfg.num_conditions].mean(1).to(dtype)
+        if self.cfg.unet.pooled_condition:
+            pooled = self.pooled(context, keep).to(dtype)
         return self.unet(
             sample.to(dtype),
             t,
@@ -247,6 +266,16 @@ class ImageGenerator(nn.Module):
             encoder_attention_mask=keep,
             class_labels=pooled,
         ).sample
+
+    def pooled(self, context: Tensor, keep: Tensor) -> Tensor:
+        """The global condition: the mean of the condition vectors, plus that of the tokens
+        read (``token_context``; none for the null condition); never the earlier images."""
+        q, width = self.cfg.num_conditions, self.cfg.token_context
+        pooled = context[:, :q].mean(1)
+        if width:
+            tokens, read = context[:, q : q + width], keep[:, q : q + width, None].to(context.dtype)
+            pooled = pooled + (tokens * read).sum(1) / read.sum(1).clamp(min=1)
+        return pooled
 
     # -- sampling --------------------------------------------------------------------------
 
