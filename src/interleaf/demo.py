@@ -209,7 +209,8 @@ def _vision(where: Path, opts: DemoOptions, lm: Path) -> None:
 
 
 def _tail(losses: list[float], n: int = 20) -> float:
-    return sum(losses[-n:]) / len(losses[-n:])
+    """The mean of the last ``n`` losses; nan for none (a stage that resumed at its last step)."""
+    return sum(losses[-n:]) / len(losses[-n:]) if losses else float("nan")
 
 
 def flamingo_config(lm: Path, vision: Path) -> FlamingoConfig:
