@@ -114,7 +114,7 @@ def test_the_training_loss_adds_the_weighted_diffusion_loss_and_trains_the_head(
 
 
 def test_the_condition_reads_the_states_up_to_its_token_and_mmfs_only_earlier_images(drawer):
-    model, _ = drawer()
+    model, _ = drawer(token_context=0)  # the Perceiver and MMFS alone (the tokens: below)
     gen = model.image_generator
     states = torch.randn(2, 6, gen.conditions.proj.in_features)
     mask = torch.ones(2, 6, dtype=torch.long)
@@ -141,7 +141,7 @@ def test_the_condition_reads_the_states_up_to_its_token_and_mmfs_only_earlier_im
 
 
 def test_without_mmfs_the_decoder_reads_the_condition_only(drawer):
-    model, _ = drawer(mmfs=False)
+    model, _ = drawer(mmfs=False, token_context=0)
     gen = model.image_generator
     assert not hasattr(gen, "media_proj")
     states = torch.randn(1, 5, gen.conditions.proj.in_features)
