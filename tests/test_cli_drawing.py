@@ -67,10 +67,13 @@ def test_annt_documents_are_continued_and_written(drawing_model, tmp_path, capsy
     assert page.count("<article>") == 2 and page.count("drawn by the model") == sum(
         sum(r["image_generated"]) for r in records
     )
-    # the same command again: the same documents (seeded)
-    assert main([*args, "--max-new-tokens", "4"]) == 0
-    capsys.readouterr()
-    assert json.loads((out / "annt.json").read_text()) == records
+    # the same command again: the same documents (seeded); not into a folder already written
+    assert main([*args, "--max-new-tokens", "4"]) == 2
+    assert "is a file or a folder that is not empty" in capsys.readouterr().err
+    again = out.parent / "again"
+    assert main([*args[:-1], str(again), "--max-new-tokens", "4"]) == 0
+    assert f"wrote {len(list((again / 'images').glob('*.png')))} images" in capsys.readouterr().out
+    assert json.loads((again / "annt.json").read_text()) == records  # image paths are relative
 
 
 def test_a_prompt_with_images(drawing_model, tmp_path, capsys):
@@ -129,3 +132,48 @@ def test_plain_generate_still_needs_a_prompt(drawing_model, capsys):
     assert "--prompt is required" in capsys.readouterr().err
     assert main(["generate", "--model", str(drawing_model), "--prompt", "x", "--out", "o"]) == 2
     assert "go with --interleaved" in capsys.readouterr().err
+
+
+def test_interleaved_options_are_checked_before_the_model_loads(drawing_model, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    base = ["generate", "--interleaved", "--model", str(drawing_model), "--prompt", "a red star."]
+    for extra, message in [
+        (["--out", str(afile)], "is a file or a folder that is not empty"),
+        (
+            ["--out", str(tmp_path / "new"), "--num-beams", "3", "--stream"],
+            "--num-beams, --stream do not apply",
+        ),
+    ]:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    plain = ["generate", "--model", str(drawing_model), "--prompt", "a red star."]
+    assert main([*plain, "--mode", "generate_images", "--num-iter", "2"]) == 2
+    assert "--mode, --num-iter go with --interleaved" in capsys.readouterr().err
+
+
+def test_the_document_keeps_its_own_id(drawing_model, tmp_path, capsys):
+    source = tmp_path / "annt.json"
+    source.write_text(
+        json.dumps([{"id": "doc-a", "sentences": ["a page."], "images": [], "sentence_ixs": [], "image_first": []}])
+    )
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "generate",
+                "--interleaved",
+                "--model",
+                str(drawing_model),
+                "--input",
+                str(source),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "annt.json").read_text())[0]["id"] == "doc-a"
+    assert "doc-a, written by the model:" in capsys.readouterr().out

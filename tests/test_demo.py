@@ -55,3 +55,28 @@ def test_the_demo_model_learns_in_context(tmp_path_factory):
     assert rices["0"]["mean"] < 0.3  # chance is 1/6
     assert rices["4"]["mean"] >= rices["0"]["mean"] + 0.2
     assert rices["2"]["mean"] >= rices["0"]["mean"] + 0.2
+
+
+def test_generate_adds_the_drawing_stages(quick_demo, capsys):
+    """``interleaf demo --generate`` on top of a finished demo runs the drawing stages only:
+    stage 3 with and without MMFS, the classifier, the table, the grids and the documents."""
+    import dataclasses
+
+    opts, _ = quick_demo
+    result = run(dataclasses.replace(opts, generate=True, draw_queries=6, draw_documents=2))
+    out = opts.out
+    ran = {name for name, seconds in result["times"].items() if seconds > 0}
+    assert ran == {"flamingo-draw", "flamingo-draw-nommfs", "draw-classifier", "draw-eval"}
+    for run_dir in ("flamingo-draw", "flamingo-draw-nommfs"):
+        config = json.loads((out / run_dir / "final" / "config.json").read_text())
+        assert config["image_generation"]["mmfs"] == (run_dir == "flamingo-draw")
+    evaluation = out / "draw-eval"
+    for picture in ("drawings.png", "drawings-nommfs.png"):
+        assert (evaluation / picture).stat().st_size > 1000
+    assert (evaluation / "documents" / "index.html").exists()
+    scores = json.loads((evaluation / "drawing.json").read_text())
+    assert set(scores) == {"mmfs", "no mmfs"} and scores["mmfs"]["scores"]["n"] == 6
+    assert set(result["drawing"]) == {"mmfs", "no mmfs"}
+    printed = capsys.readouterr().out
+    assert "| colour | 16.7 |" in printed  # the table, chance first
+    assert "drawings-nommfs.png" in printed

@@ -188,7 +188,7 @@ def generate_interleaved(
                 raise ValueError(f"{doc.id}: generate_mode must be one of {list(MODES)}, got {doc_mode!r}")
             if not isinstance(doc_iter, int) or isinstance(doc_iter, bool) or doc_iter < 1:
                 raise ValueError(f"{doc.id}: num_iter must be an integer >= 1, got {doc_iter!r}")
-            jobs.append((doc.id, items, doc_mode, doc_iter))
+            jobs.append((str(doc.meta.get("id") or doc.id), items, doc_mode, doc_iter))  # its own id, if it has one
     else:
         pieces = prompt.split("<image>")
         if len(pieces) - 1 != len(images):
@@ -218,9 +218,9 @@ def generate_interleaved(
         )
         written.append((doc_id, parts))
         text = " ".join(p.get("text", "<image>") for p in parts if p.get("generated"))
-        print(f"{doc_id}: {text}")
+        print(f"{doc_id}, written by the model: {text}")
     paths = write_interleaved(written, out)
-    print(f"wrote {len(paths['images'])} images, {paths['json']} and {paths['html']}")
+    print(f"wrote {len(paths['images'])} images under {out / 'images'}, {paths['json']} and {paths['html']}")
 
 
 def chat(model_dir: str, *, max_new_tokens: int, temperature: float, seed: int | None, device: str, dtype) -> None:
@@ -553,8 +553,12 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--input", type=existing_file, help="with --interleaved: an MM-Interleaved annt.json of documents")
     g.add_argument("--out", type=Path, help="with --interleaved: where the PNGs, annt.json and index.html go")
-    g.add_argument("--mode", choices=("generate_texts", "generate_images"), default="generate_texts")
-    g.add_argument("--num-iter", type=positive_int, default=1, help="rounds of text and image")
+    g.add_argument(
+        "--mode",
+        choices=("generate_texts", "generate_images"),
+        help="with --interleaved: each round starts with text (generate_texts, the default) or an image",
+    )
+    g.add_argument("--num-iter", type=positive_int, help="with --interleaved: the most rounds (default: 1)")
     g.add_argument("--guidance-scale", type=non_negative_float, help="classifier-free guidance (default: the model's)")
     g.add_argument("--inference-steps", type=positive_int, help="sampler steps (default: the model's)")
     placement_options(g)
@@ -747,14 +751,25 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "generate" and args.interleaved:
             if args.out is None:
                 raise ValueError("--interleaved needs --out DIR (where the documents are written)")
+            if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+                raise ValueError(f"--out {args.out} is a file or a folder that is not empty; give a new folder")
+            unused = [
+                f"--{n}"
+                for n, v in (("num-beams", args.num_beams != 1), ("stop", args.stop), ("stream", args.stream))
+                if v
+            ]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} do not apply to --interleaved (greedy or --sample text, then a drawing)"
+                )
             generate_interleaved(
                 args.model,
                 source=args.input,
                 prompt=args.prompt,
                 images=args.image,
                 out=args.out,
-                mode=args.mode,
-                num_iter=args.num_iter,
+                mode=args.mode or "generate_texts",
+                num_iter=args.num_iter or 1,
                 max_new_tokens=args.max_new_tokens,
                 do_sample=args.sample,
                 temperature=args.temperature,
@@ -768,8 +783,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "generate":
             if args.prompt is None:
                 raise ValueError("--prompt is required (or --interleaved with --input)")
-            if args.input is not None or args.out is not None:
-                raise ValueError("--input and --out go with --interleaved")
+            given = [
+                f"--{n}"
+                for n in ("input", "out", "mode", "num-iter", "guidance-scale", "inference-steps")
+                if getattr(args, n.replace("-", "_")) is not None
+            ]
+            if given:
+                raise ValueError(f"{', '.join(given)} go with --interleaved")
             generate(
                 args.model,
                 args.prompt,

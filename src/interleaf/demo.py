@@ -391,7 +391,8 @@ def _drawing_stages(stages: Stages, opts: DemoOptions, lm: Path, vision: Path, s
     result = json.loads((evaluation / "drawing.json").read_text())
     print("\ndrawing, read by an attribute classifier (% of pictures with the attribute asked for)\n")
     print((evaluation / "table.md").read_text())
-    print(f"\npictures: {evaluation / 'drawings.png'}; written documents: {evaluation / 'documents' / 'index.html'}")
+    print(f"\npictures: {evaluation / 'drawings.png'} (without MMFS: drawings-nommfs.png)")
+    print(f"written documents: {evaluation / 'documents' / 'index.html'}")
     return result
 
 
@@ -420,10 +421,11 @@ def _draw_eval(where: Path, opts: DemoOptions, runs: dict[str, Path], classifier
         model, processor = _load(run_dir / "final", opts)
         scores = drawing.drawing_scores(model, processor, classifier, seed=opts.seed, n=opts.draw_queries)
         coherent = None
+        prompts, images = scores["images"]["prompts"]
+        picture = "drawings.png" if name == "mmfs" else "drawings-nommfs.png"
+        drawing.grid([" ".join(p.prompt) for p in prompts[:18]], images[:18], where / picture)
         if name == "mmfs":
             coherent = drawing.coherence(model, processor, classifier, seed=opts.seed, documents=opts.draw_documents)
-            prompts, images = scores["images"]["prompts"]
-            drawing.grid([" ".join(p.prompt) for p in prompts[:18]], images[:18], where / "drawings.png")
             write_interleaved([(f"story-{i}", d) for i, d in enumerate(coherent.pop("documents"))], where / "documents")
         scores.pop("images")
         results[name] = {"scores": scores, "coherence": coherent}

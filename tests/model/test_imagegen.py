@@ -371,3 +371,18 @@ def test_several_noise_draws_per_image(drawer):
     assert rows == [3 * len(targets)] and out.image_loss > 0
     with pytest.raises(ValueError, match="noise_draws"):
         ImageGenerationConfig(noise_draws=0)
+
+
+def test_draw_rejects_bad_requests(drawer):
+    model, processor = drawer()
+    for prompts, kwargs, message in [
+        ([], {}, "no prompt"),
+        ([[]], {}, "prompt 0 is empty"),
+        (["a red circle."], {}, "prompt 0 is a string"),
+        ([["a red circle."]], {"guidance_scale": -2.0}, "guidance_scale must be >= 0"),
+        ([["a red circle."]], {"inference_steps": 0}, "inference_steps must be an integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.draw(processor, prompts, **kwargs)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        model.generate_interleaved(processor, ["a page."], guidance_scale=-1.0)

@@ -43,20 +43,21 @@ def write_interleaved(documents: Sequence[tuple[str, Sequence[dict[str, Any]]]],
     sentence and image, whether it was ``generated``."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    records, articles, seen = [], [], set()
+    records, articles, seen, written = [], [], set(), []
     for doc_id, parts in documents:
         name = _safe(doc_id)
         while name in seen:
             name += "_"
         seen.add(name)
         records.append(_record(doc_id, name, parts, out))
+        written += [out / file for file in records[-1]["images"]]
         articles.append(_article(doc_id, records[-1]))
     (out / DOCUMENTS).write_text(json.dumps(records, indent=1) + "\n")
     page = "<!doctype html>\n<html><head><meta charset='utf-8'><title>interleaf: generated documents</title>"
     page += f"<style>{STYLE}</style></head><body><h1>Generated documents</h1>\n"
     page += "<p class='tag'>blue: written by the model</p>\n" + "\n".join(articles) + "\n</body></html>\n"
     (out / PAGE).write_text(page)
-    return {"json": out / DOCUMENTS, "html": out / PAGE, "images": sorted((out / "images").glob("*.png"))}
+    return {"json": out / DOCUMENTS, "html": out / PAGE, "images": written}
 
 
 def _record(doc_id: str, name: str, parts: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:

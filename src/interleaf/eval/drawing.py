@@ -90,7 +90,8 @@ def coherence(
     reads the same value in the picture. Returns the rates, the counts and the documents."""
     docs, pairs = [], []
     for i in range(documents):
-        title = random.Random(f"tinyworld/{seed}/story-title/{i}").choice(tinyworld.TITLES) + " "
+        # no trailing space: the model goes on with " this picture ..." (a lone space is a token of its own)
+        title = random.Random(f"tinyworld/{seed}/story-title/{i}").choice(tinyworld.TITLES)
         doc = model.generate_interleaved(processor, [title], mode="generate_texts", num_iter=num_iter, seed=seed + i)
         docs.append(doc)
         for before, part in itertools.pairwise(doc):

@@ -41,13 +41,15 @@ def generate_interleaved(
     """The document: the prompt's items, then the generated ones, each ``{"text": str}`` or
     ``{"image": PIL.Image}``, with ``"generated": True`` on the new ones. Sampling (text with
     ``do_sample``, and always the images' noise) is seeded by ``seed``: the same call gives the
-    same document."""
+    same document. ``num_iter`` is the most rounds: the document ends sooner when the model
+    ends it (EOS, or no begin-of-image token within ``max_new_tokens``)."""
     if model.image_generator is None:
         raise ValueError("this model has no image generation head (its config has no image_generation)")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    check_sampling(guidance_scale, inference_steps)
     items = interleaved_items(prompt)
     if not items:
         raise ValueError("prompt is empty: give at least one text or image")
@@ -81,7 +83,12 @@ def _write(model, processor, document, *, seed: int, **settings) -> tuple[str, b
 def _draw(model, processor, document, seed: int, guidance_scale, inference_steps) -> Image.Image:
     """Draw the next image of the document, announced by the begin-of-image token."""
     (image,) = draw_images(
-        model, processor, [_prompt(model, document)], seed=seed, guidance_scale=guidance_scale, steps=inference_steps
+        model,
+        processor,
+        [_prompt(model, document)],
+        seed=seed,
+        guidance_scale=guidance_scale,
+        inference_steps=inference_steps,
     )
     return image
 
@@ -94,12 +101,20 @@ def draw_images(
     *,
     seed: int = 0,
     guidance_scale: float | None = None,
-    steps: int | None = None,
+    inference_steps: int | None = None,
 ) -> list[Image.Image]:
     """One image drawn after each prompt (an interleaved list; the begin-of-image token is
-    appended), in one batch: the prompts are left-padded, so each ends at the last position."""
+    appended), in one batch: the prompts are left-padded, so each ends at the last position.
+    ``guidance_scale`` and ``inference_steps`` default to the config's; the noise is seeded."""
     if model.image_generator is None:
         raise ValueError("this model has no image generation head (its config has no image_generation)")
+    check_sampling(guidance_scale, inference_steps)
+    if not prompts:
+        raise ValueError("draw: no prompt (give a list of prompts, each a list of text and images)")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str) or not prompt:
+            what = "a string" if isinstance(prompt, str) else "empty"
+            raise ValueError(f"draw: prompt {i} is {what}; each prompt is a non-empty list of text and images")
     boi = model.config.tokens.begin_of_image
     items = [[*interleaved_items(p, f"prompt {i}"), boi] for i, p in enumerate(prompts)]
     batch = processor(items, padding_side="left")
@@ -115,7 +130,17 @@ def draw_images(
     gen = model.image_generator
     context, keep = gen.context(model.generation_states(input_ids, out.last_hidden_state), mask, latents, targets)
     noise = torch.Generator().manual_seed(seed)
-    return to_images(gen.sample(context, keep, generator=noise, steps=steps, guidance_scale=guidance_scale))
+    return to_images(gen.sample(context, keep, generator=noise, steps=inference_steps, guidance_scale=guidance_scale))
+
+
+def check_sampling(guidance_scale: float | None, inference_steps: int | None) -> None:
+    """A clear error for a guidance scale below 0 or fewer than one sampling step."""
+    if guidance_scale is not None and not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be >= 0 (1: no guidance), got {guidance_scale}")
+    if inference_steps is not None and (
+        isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or inference_steps < 1
+    ):
+        raise ValueError(f"inference_steps must be an integer >= 1, got {inference_steps!r}")
 
 
 def _prompt(model, document) -> list[str | Image.Image]:
