@@ -386,3 +386,37 @@ def test_draw_rejects_bad_requests(drawer):
             model.draw(processor, prompts, **kwargs)
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
         model.generate_interleaved(processor, ["a page."], guidance_scale=-1.0)
+
+
+def test_decoupled_mmfs_reads_the_images_through_a_gate_of_their_own(drawer, tmp_path):
+    model, processor = drawer(mmfs_attention="decoupled")
+    gen = model.image_generator
+    gates = [m.gate for m in gen.unet.modules() if hasattr(m, "gate") and hasattr(m, "text")]
+    assert gates and all(g.item() == 0 for g in gates)
+    q = gen.cfg.num_conditions + gen.cfg.token_context
+    n, images = 2, 2 * 4
+    context = torch.randn(n, q + images, gen.cfg.condition_dim)
+    keep = torch.ones(n, q + images, dtype=torch.bool)
+    keep[1, q:] = False  # sample 1 has no earlier image
+    x, t = torch.randn(n, 3, gen.sample_size, gen.sample_size), torch.tensor([10, 500])
+    with torch.no_grad():
+        start = gen.denoise(x, t, context, keep)
+        text_only = gen.denoise(x, t, context[:, :q], keep[:, :q])
+        # a closed gate adds exactly 0 x (the images' attention): the same numbers as without them
+        assert torch.equal(start, text_only)
+        for g in gates:
+            g.fill_(0.5)
+        opened = gen.denoise(x, t, context, keep)
+        other = context.clone()
+        other[:, q:] = torch.randn_like(other[:, q:])
+        moved = gen.denoise(x, t, other, keep)
+    assert (opened[0] - moved[0]).abs().max() > 1e-4  # sample 0 reads its images
+    assert torch.equal(opened[1], moved[1])  # sample 1 has none: nothing to read
+    model.train()
+    out = model(**story_batch(processor))
+    out.loss.backward()
+    assert all(g.grad is not None for g in gates)
+    model.save_pretrained(tmp_path / "m")
+    loaded = Flamingo.from_pretrained(tmp_path / "m")
+    assert loaded.image_generator.unet.state_dict().keys() == gen.unet.state_dict().keys()
+    assert any(k.endswith("attn2.processor.gate") for k in gen.unet.state_dict())

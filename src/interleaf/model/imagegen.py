@@ -139,8 +139,19 @@ class ImageGenerator(nn.Module):
             class_embed_type="projection" if u.pooled_condition else None,
             projection_class_embeddings_input_dim=cfg.condition_dim if u.pooled_condition else None,
         )
+        if cfg.mmfs and cfg.mmfs_attention == "decoupled":
+            text = cfg.num_conditions + cfg.token_context
+            self.unet.set_attn_processor(
+                {
+                    name: DecoupledMedia(text, self._attention(name)) if name.endswith("attn2.processor") else proc
+                    for name, proc in self.unet.attn_processors.items()
+                }
+            )
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
+
+    def _attention(self, processor_name: str):
+        return self.unet.get_submodule(processor_name.removesuffix(".processor"))
 
     @property
     def sample_size(self) -> int:
@@ -328,6 +339,45 @@ class ImageGenerator(nn.Module):
 
 
 @functools.cache
+class DecoupledMedia(nn.Module):
+    """A UNet cross-attention (a ``diffusers`` attention processor) that reads its context in
+    two parts: the first ``text`` vectors (the condition, with the attention's own keys and
+    values) and the rest, the earlier images, with keys and values of their own, added through
+    ``tanh(gate)``, 0 at the start. A row with no earlier image gets the text part alone."""
+
+    def __init__(self, text: int, attention):
+        super().__init__()
+        inner, cross = attention.to_q.out_features, attention.to_k.in_features
+        self.text = text
+        self.to_k = nn.Linear(cross, inner, bias=False)
+        self.to_v = nn.Linear(cross, inner, bias=False)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        n, text = hidden_states.shape[0], self.text
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        bias = None if attention_mask is None else attention_mask.reshape(n, 1, 1, -1)  # 0 or -10000: (n, 1, 1, S)
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(n, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q = heads(attn.to_q(hidden_states))
+        words = context[:, :text]
+        out = F.scaled_dot_product_attention(
+            q, heads(attn.to_k(words)), heads(attn.to_v(words)), attn_mask=None if bias is None else bias[..., :text]
+        )
+        media = context[:, text:]
+        if media.shape[1]:
+            media_bias = None if bias is None else bias[..., text:]
+            seen = torch.ones(n, 1, 1, 1, device=q.device) if bias is None else (media_bias > -1).any(-1, keepdim=True)
+            read = F.scaled_dot_product_attention(
+                q, heads(self.to_k(media)), heads(self.to_v(media)), attn_mask=media_bias
+            )
+            out = out + torch.tanh(self.gate) * read * seen.to(read.dtype)
+        out = out.transpose(1, 2).reshape(n, -1, q.shape[1] * q.shape[-1])
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
 def _vae_config(source: str) -> dict:
     diffusers = _diffusers()
     try:
