@@ -326,6 +326,8 @@ def test_the_decoder_also_reads_the_latest_tokens_themselves(drawer):
         later[0, 5] += torch.randn_like(later[0, 5])  # after target 0's token: never read
         unseen, _ = gen.context(later, mask, media, targets)
     assert (after[0, q + 1] - context[0, q + 1]).abs().max() > 1e-3 and torch.equal(after[0, q + 2], context[0, q + 2])
+    # exact: the same shapes and operations, and a token outside a window, or masked from the
+    # Perceiver (weight exactly 0), adds nothing; token q + 2 is computed from the same input alone
     assert torch.equal(unseen[keep], context[keep])
     # the pooled condition: the queries' mean plus the mean of the tokens read; the null one has no token
     pooled = gen.pooled(context, keep)
@@ -402,7 +404,8 @@ def test_decoupled_mmfs_reads_the_images_through_a_gate_of_their_own(drawer, tmp
     with torch.no_grad():
         start = gen.denoise(x, t, context, keep)
         text_only = gen.denoise(x, t, context[:, :q], keep[:, :q])
-        # a closed gate adds exactly 0 x (the images' attention): the same numbers as without them
+        # a closed gate adds exactly 0 x (the images' attention), and the text part is the same slice
+        # through the same operations: the same numbers as without the images
         assert torch.equal(start, text_only)
         for g in gates:
             g.fill_(0.5)
@@ -411,6 +414,7 @@ def test_decoupled_mmfs_reads_the_images_through_a_gate_of_their_own(drawer, tmp
         other[:, q:] = torch.randn_like(other[:, q:])
         moved = gen.denoise(x, t, other, keep)
     assert (opened[0] - moved[0]).abs().max() > 1e-4  # sample 0 reads its images
+    # exact: one batch of the same shapes, and sample 1's image term is multiplied by 0
     assert torch.equal(opened[1], moved[1])  # sample 1 has none: nothing to read
     model.train()
     out = model(**story_batch(processor))
