@@ -131,7 +131,7 @@ def test_plain_generate_still_needs_a_prompt(drawing_model, capsys):
     assert main(["generate", "--model", str(drawing_model)]) == 2
     assert "--prompt is required" in capsys.readouterr().err
     assert main(["generate", "--model", str(drawing_model), "--prompt", "x", "--out", "o"]) == 2
-    assert "go with --interleaved" in capsys.readouterr().err
+    assert "--out: only with --interleaved" in capsys.readouterr().err
 
 
 def test_interleaved_options_are_checked_before_the_model_loads(drawing_model, tmp_path, capsys):
@@ -149,7 +149,7 @@ def test_interleaved_options_are_checked_before_the_model_loads(drawing_model, t
         assert message in capsys.readouterr().err
     plain = ["generate", "--model", str(drawing_model), "--prompt", "a red star."]
     assert main([*plain, "--mode", "generate_images", "--num-iter", "2"]) == 2
-    assert "--mode, --num-iter go with --interleaved" in capsys.readouterr().err
+    assert "--mode, --num-iter: only with --interleaved" in capsys.readouterr().err
 
 
 def test_the_document_keeps_its_own_id(drawing_model, tmp_path, capsys):

@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                 if getattr(args, n.replace("-", "_")) is not None
             ]
             if given:
-                raise ValueError(f"{', '.join(given)} go with --interleaved")
+                raise ValueError(f"{', '.join(given)}: only with --interleaved")
             generate(
                 args.model,
                 args.prompt,
