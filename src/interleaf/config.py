@@ -207,8 +207,9 @@ class ImageGenerationConfig:
     """MM-Interleaved's image decoder: at ``tokens.begin_of_image`` the LM's hidden states up to
     that token become ``num_conditions`` condition vectors (a Perceiver with learned queries),
     which condition a diffusion UNet that draws the next image; ``mmfs`` adds cross-attention
-    from the UNet to the resampled features of the document's earlier images (a light form of
-    MM-Interleaved's multi-scale feature synchronizer).
+    from the UNet to the features of the document's earlier images (``mmfs_features``: the
+    resampled latents or the vision encoder's patches; a light form of MM-Interleaved's
+    multi-scale feature synchronizer).
 
     ``space="pixel"`` denoises RGB pixels at ``image_size``; ``"latent"`` denoises the latents of
     a ``diffusers`` ``AutoencoderKL`` loaded from ``vae`` (a hub id or directory, e.g. Stable
@@ -230,7 +231,18 @@ class ImageGenerationConfig:
     # model drew the caption's shape for 37-48% of held-out prompts with it, 90-98% without
     # MMFS); "decoupled", in an attention of their own added through a gate that starts at 0 (as
     # Flamingo adds its cross-attention to a frozen LM, and IP-Adapter images to a text UNet)
-    mmfs_attention: Literal["shared", "decoupled"] = "shared"
+    # "aligned": decoupled, and spatially aligned as MMFS is (it samples the image feature maps
+    # around each query's own position): the UNet's query at (y, x) reads each earlier image's
+    # patch grid at (y, x), resized to the UNet's map; needs mmfs_features="patches"
+    mmfs_attention: Literal["shared", "decoupled", "aligned"] = "shared"
+    # what MMFS reads of an earlier image: "resampled", the Perceiver resampler's latents (what
+    # the LM reads); "patches", the vision encoder's patch features before the resampler, the
+    # image's spatial grid (MM-Interleaved's MMFS reads the vision encoder's feature maps)
+    mmfs_features: Literal["resampled", "patches"] = "resampled"
+    # the mean of the earlier images' features read also joins the pooled condition (the UNet's
+    # class embedding, which scales and shifts every residual block): a global path for what is
+    # global in a picture (its background, its colours, the size of its things)
+    mmfs_pooled: bool = False
     # the Perceiver reads each token's input embedding beside the LM's last hidden state: the
     # token itself ("green"), which a small LM's last layer (tuned to predict the next token)
     # hardly keeps; False: the last hidden state alone, as MM-Interleaved reads its 7B LM
@@ -293,6 +305,10 @@ class ImageGenerationConfig:
         if self.space == "latent" and not self.vae:
             raise ValueError(
                 "ImageGenerationConfig: space='latent' needs vae (a hub id or directory of an AutoencoderKL)"
+            )
+        if self.mmfs_attention == "aligned" and self.mmfs_features != "patches":
+            raise ValueError(
+                "ImageGenerationConfig: mmfs_attention='aligned' reads the patch grid: it needs mmfs_features='patches'"
             )
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
             raise ValueError("ImageGenerationConfig: pixel_mean and pixel_std need one value per RGB channel")

@@ -12,7 +12,7 @@ from interleaf import Flamingo, Processor
 from interleaf.config import FlamingoConfig, ImageGenerationConfig
 from interleaf.data import tinyworld
 from interleaf.data.collate import CollateConfig, Collator
-from interleaf.model.imagegen import Targets, find_targets
+from interleaf.model.imagegen import AlignedMedia, DecoupledMedia, Targets, find_targets
 from interleaf.train.checkpoints import init_weights
 
 from conftest import encode, open_gates, tiny_config
@@ -393,7 +393,7 @@ def test_draw_rejects_bad_requests(drawer):
 def test_decoupled_mmfs_reads_the_images_through_a_gate_of_their_own(drawer, tmp_path):
     model, processor = drawer(mmfs_attention="decoupled")
     gen = model.image_generator
-    gates = [m.gate for m in gen.unet.modules() if hasattr(m, "gate") and hasattr(m, "text")]
+    gates = [m.gate for m in gen.unet.modules() if isinstance(m, DecoupledMedia)]
     assert gates and all(g.item() == 0 for g in gates)
     q = gen.cfg.num_conditions + gen.cfg.token_context
     n, images = 2, 2 * 4
@@ -424,3 +424,85 @@ def test_decoupled_mmfs_reads_the_images_through_a_gate_of_their_own(drawer, tmp
     loaded = Flamingo.from_pretrained(tmp_path / "m")
     assert loaded.image_generator.unet.state_dict().keys() == gen.unet.state_dict().keys()
     assert any(k.endswith("attn2.processor.gate") for k in gen.unet.state_dict())
+
+
+@pytest.mark.parametrize("features", ["resampled", "patches"])
+def test_mmfs_reads_the_resampled_latents_or_the_patch_features(drawer, features):
+    model, processor = drawer(mmfs_features=features)
+    batch = story_batch(processor)
+    latents, patches = model.encode_images_and_features(batch["input_ids"], batch["pixel_values"])
+    assert latents.shape[:2] == patches.shape[:2] and latents.shape[-1] == patches.shape[-1] == model.vision.dim
+    assert latents.shape[2] == model.config.resampler.num_latents
+    with torch.no_grad():  # the vision encoder's tokens (its CLS and patch tokens), before the resampler
+        encoded = model.vision(batch["pixel_values"][0, :1])
+    assert patches.shape[2] == encoded.shape[1]
+    assert torch.equal(model.encode_images(batch["input_ids"], batch["pixel_values"]), latents)
+    read = []
+    gen = model.image_generator
+    context = gen.context
+    gen.context = lambda states, mask, media, targets: read.append(media) or context(states, mask, media, targets)
+    model(**batch)
+    (media,) = read
+    # the same module on the same inputs: the same numbers
+    assert torch.equal(media, patches if features == "patches" else latents)
+
+
+def test_pooled_mmfs_starts_from_the_text_condition_and_then_reads_the_images(drawer):
+    model, _ = drawer(mmfs_pooled=True)
+    gen = model.image_generator
+    text = gen.cfg.num_conditions + gen.cfg.token_context
+    context = torch.randn(2, text + 4, gen.cfg.condition_dim)
+    keep = torch.ones(2, text + 4, dtype=torch.bool)
+    keep[1, text:] = False  # sample 1 has no earlier image
+    with torch.no_grad():
+        # zero-initialised: adds exactly 0 to the text's pooled condition
+        assert torch.equal(gen.pooled(context, keep), gen.pooled(context[:, :text], keep[:, :text]))
+        torch.nn.init.normal_(gen.media_pool.weight)
+        other = context.clone()
+        other[:, text:] = torch.randn_like(other[:, text:])
+        before, after = gen.pooled(context, keep), gen.pooled(other, keep)
+        null = [gen.pooled(*gen.null_context(c, keep)) for c in (context, other)]
+    assert (before[0] - after[0]).abs().max() > 1e-3  # sample 0 reads its image
+    # exact: sample 1's images are masked out (a sum of zeros), and so are all in the null condition
+    assert torch.equal(before[1], after[1]) and torch.equal(null[0], null[1])
+
+
+def test_aligned_mmfs_reads_each_image_where_the_query_is(drawer, tmp_path):
+    with pytest.raises(ValueError, match="needs mmfs_features='patches'"):
+        ImageGenerationConfig(mmfs_attention="aligned")
+    model, processor = drawer(mmfs_attention="aligned", mmfs_features="patches")
+    gen = model.image_generator
+    procs = [m for m in gen.unet.modules() if isinstance(m, AlignedMedia)]
+    assert procs and all(p.gate.item() == 0 for p in procs)
+    tokens = model.vision.num_tokens
+    side = procs[0].grid
+    assert side * side in (tokens, tokens - 1)
+    q = gen.cfg.num_conditions + gen.cfg.token_context
+    n, images = 2, 2
+    context = torch.randn(n, q + images * tokens, gen.cfg.condition_dim)
+    keep = torch.ones(n, q + images * tokens, dtype=torch.bool)
+    keep[1, q:] = False  # sample 1 has no earlier image
+    x, t = torch.randn(n, 3, gen.sample_size, gen.sample_size), torch.tensor([10, 500])
+    with torch.no_grad():
+        # a closed gate adds exactly 0 x (the images' part): the same numbers as the text alone
+        assert torch.equal(gen.denoise(x, t, context, keep), gen.denoise(x, t, context[:, :q], keep[:, :q]))
+        for p in procs:
+            p.gate.fill_(0.5)
+        # the top-left patch of sample 0's images changed: the UNet's output moves most in its
+        # top-left quarter (the convolutions spread it some)
+        other = context.clone()
+        grid = other[:, q:].view(n, images, tokens, -1)[:, :, tokens - side * side :]
+        grid.view(n, images, side, side, -1)[0, :, 0, 0] += 10  # the top-left patch
+        opened, moved = gen.denoise(x, t, context, keep), gen.denoise(x, t, other, keep)
+    change = (opened[0] - moved[0]).abs().mean(0)  # (H, W)
+    h = change.shape[0]
+    assert change[: h // 2, : h // 2].mean() > 2 * change[h // 2 :, h // 2 :].mean()
+    # exact: one batch of the same shapes, and sample 1's image term is multiplied by 0
+    assert torch.equal(opened[1], moved[1])
+    model.train()
+    out = model(**story_batch(processor))
+    out.loss.backward()
+    assert all(p.gate.grad is not None for p in procs)
+    model.save_pretrained(tmp_path / "m")
+    loaded = Flamingo.from_pretrained(tmp_path / "m")
+    assert loaded.image_generator.unet.state_dict().keys() == gen.unet.state_dict().keys()

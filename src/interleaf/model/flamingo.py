@@ -82,7 +82,7 @@ class Flamingo(nn.Module):
         )
         gen = config.image_generation
         states = lm.config.hidden_size * (2 if gen and gen.read_embeddings else 1)
-        self.image_generator = ImageGenerator(states, self.vision.dim, gen) if gen else None
+        self.image_generator = ImageGenerator(states, self.vision.dim, gen, self.vision.num_tokens) if gen else None
         if config.trainable.lora is not None:
             apply_lora(self.language_model, config.trainable.lora)
         self.trainable_names = apply_trainable(self, config.trainable)
@@ -134,12 +134,19 @@ class Flamingo(nn.Module):
         ``pixel_values`` (B, N_max, C, H, W) or, for video, (B, N_max, F, C, H, W); padding
         slots never reach the vision encoder.
         """
+        return self.encode_images_and_features(input_ids, pixel_values)[0]
+
+    def encode_images_and_features(
+        self, input_ids: Tensor, pixel_values: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The resampled latents of :meth:`encode_images` and the vision encoder's features
+        they were resampled from, (B, N, F P, D) (the patch grid of each frame)."""
         vision_device = next(self.vision.parameters()).device
         input_ids = input_ids.to(vision_device)
         counts = (input_ids == self.ids.image).sum(-1)
         n_max = int(counts.max()) if counts.numel() else 0
         if n_max == 0:
-            return None
+            return None, None
         if pixel_values is None:
             raise ValueError(f"input_ids hold {int(counts.sum())} <image> tokens but no pixel_values were given")
         if pixel_values.ndim == 5:
@@ -167,9 +174,7 @@ class Flamingo(nn.Module):
             latents = self.resampler(features, position)  # (n, L, D)
         else:
             latents = features.flatten(1, 2)  # (n, F P, D)
-        media = latents.new_zeros(batch, n_max, *latents.shape[1:])
-        media[real] = latents
-        return media
+        return _per_sample(latents, real), _per_sample(features.flatten(1, 2), real)
 
     def prepare_media(self, input_ids: Tensor, pixel_values: Tensor | None) -> Media | None:
         """Encode the images and project every block's keys/values, once."""
@@ -213,20 +218,21 @@ class Flamingo(nn.Module):
         that draws adds the diffusion loss of every image announced by the begin-of-image token."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        latents = self.encode_images(input_ids, pixel_values)
+        latents, features = self.encode_images_and_features(input_ids, pixel_values)
         out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=self.media(latents))
         logits = self.language_model.logits(out.last_hidden_state)
         if labels is None:
             return FlamingoOutput(logits=logits)
         text_loss = next_token_loss(logits, labels.to(logits.device), z_loss_weight)
-        image_loss = self.image_loss(input_ids, attention_mask, out.last_hidden_state, latents, pixel_values)
+        earlier = self.generation_media(latents, features)
+        image_loss = self.image_loss(input_ids, attention_mask, out.last_hidden_state, earlier, pixel_values)
         if image_loss is None:
             return FlamingoOutput(logits=logits, loss=text_loss, text_loss=text_loss)
         loss = text_loss + self.config.image_generation.loss_weight * image_loss
         return FlamingoOutput(logits=logits, loss=loss, text_loss=text_loss, image_loss=image_loss)
 
     def image_loss(
-        self, input_ids: Tensor, attention_mask: Tensor, states: Tensor, latents: Tensor | None, pixel_values
+        self, input_ids: Tensor, attention_mask: Tensor, states: Tensor, earlier: Tensor | None, pixel_values
     ) -> Tensor | None:
         """The diffusion loss of the batch's announced images; None when the model does not
         draw or the batch announces none."""
@@ -237,7 +243,13 @@ class Flamingo(nn.Module):
             return None
         pixels = pixel_values.to(states.device)
         states = self.generation_states(input_ids, states)
-        return self.image_generator.loss(states, attention_mask, latents, targets, pixels)
+        return self.image_generator.loss(states, attention_mask, earlier, targets, pixels)
+
+    def generation_media(self, latents: Tensor | None, features: Tensor | None) -> Tensor | None:
+        """What the image decoder's MMFS reads of the earlier images: the resampled latents, or
+        (``image_generation.mmfs_features="patches"``) the vision encoder's patch features."""
+        gen = self.config.image_generation
+        return features if gen is not None and gen.mmfs_features == "patches" else latents
 
     def generation_states(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
         """What the image decoder's Perceiver reads of each token: the LM's last hidden state,
@@ -317,3 +329,10 @@ def next_token_loss(logits: Tensor, labels: Tensor, z_loss_weight: float = 0.0) 
     if z_loss_weight:
         loss = loss + z_loss_weight * torch.logsumexp(logits[valid], dim=-1).pow(2).sum()
     return loss / count
+
+
+def _per_sample(x: Tensor, real: Tensor) -> Tensor:
+    """(n, ...) rows of the real images -> (B, N_max, ...), zeros in the padding slots."""
+    out = x.new_zeros(*real.shape, *x.shape[1:])
+    out[real] = x
+    return out

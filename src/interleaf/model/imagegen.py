@@ -4,10 +4,12 @@ condition a diffusion UNet that draws the image.
 
 - **Condition vectors**: a small Perceiver whose learned queries attend to the LM's last
   hidden states up to and including the begin-of-image token (later tokens are masked out).
-- **Earlier images** (``mmfs``): the UNet's cross-attention also reads the resampled features
-  of the images that came before in the document, each with a learned position embedding: a
-  light form of MM-Interleaved's multi-scale feature synchronizer (which reads multi-scale
-  vision features with deformable attention).
+- **Earlier images** (``mmfs``): the UNet's cross-attention also reads the features of the
+  images that came before in the document (the resampled latents, or with
+  ``mmfs_features="patches"`` the vision encoder's patch grid), each image with a learned
+  position embedding, and (``mmfs_pooled``) their mean joins the pooled condition: a light
+  form of MM-Interleaved's multi-scale feature synchronizer (which reads multi-scale vision
+  feature maps with deformable attention).
 - **Decoder**: a ``diffusers`` ``UNet2DConditionModel`` over pixels or over the latents of a
   frozen ``AutoencoderKL``; DDPM noise in training, DDIM or DPM-Solver++ in sampling, with
   classifier-free guidance against a learned null condition (which replaces the condition,
@@ -20,6 +22,7 @@ hands it the LM's states, the resampled image features and the target pixels.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +109,9 @@ class ConditionPerceiver(nn.Module):
 class ImageGenerator(nn.Module):
     """Condition Perceiver, optional earlier-image context, null condition and UNet."""
 
-    def __init__(self, lm_dim: int, media_dim: int, cfg: ImageGenerationConfig):
+    def __init__(self, lm_dim: int, media_dim: int, cfg: ImageGenerationConfig, media_tokens: int | None = None):
+        """``media_tokens``: the vision encoder's tokens per image (``mmfs_attention="aligned"``
+        needs them: its patch grid)."""
         super().__init__()
         diffusers = _diffusers()
         self.cfg = cfg
@@ -115,6 +120,10 @@ class ImageGenerator(nn.Module):
         if cfg.mmfs:
             self.media_proj = nn.Linear(media_dim, cfg.condition_dim)
             self.media_position = nn.Parameter(torch.randn(cfg.max_images, cfg.condition_dim) * 0.02)
+            if cfg.mmfs_pooled:  # zero at the start: the pooled condition is the text's until it learns
+                self.media_pool = nn.Linear(cfg.condition_dim, cfg.condition_dim)
+                nn.init.zeros_(self.media_pool.weight)
+                nn.init.zeros_(self.media_pool.bias)
         channels, self.downsample = 3, 1
         if cfg.space == "latent":  # the VAE's latent channels and scale (SD's: 4, 1/8), from its config
             vae_config = _vae_config(cfg.vae)
@@ -139,11 +148,21 @@ class ImageGenerator(nn.Module):
             class_embed_type="projection" if u.pooled_condition else None,
             projection_class_embeddings_input_dim=cfg.condition_dim if u.pooled_condition else None,
         )
-        if cfg.mmfs and cfg.mmfs_attention == "decoupled":
+        if cfg.mmfs and cfg.mmfs_attention != "shared":
             text = cfg.num_conditions + cfg.token_context
+            if cfg.mmfs_attention == "aligned":
+                if media_tokens is None:
+                    raise ValueError("mmfs_attention='aligned': the vision tower does not say its tokens per image")
+                _grid_side(media_tokens)  # a clear error now, not at the first step
+
+            def processor(name: str):
+                if cfg.mmfs_attention == "aligned":
+                    return AlignedMedia(text, self._attention(name), media_tokens)
+                return DecoupledMedia(text, self._attention(name))
+
             self.unet.set_attn_processor(
                 {
-                    name: DecoupledMedia(text, self._attention(name)) if name.endswith("attn2.processor") else proc
+                    name: processor(name) if name.endswith("attn2.processor") else proc
                     for name, proc in self.unet.attn_processors.items()
                 }
             )
@@ -280,12 +299,19 @@ class ImageGenerator(nn.Module):
 
     def pooled(self, context: Tensor, keep: Tensor) -> Tensor:
         """The global condition: the mean of the condition vectors, plus that of the tokens
-        read (``token_context``; none for the null condition); never the earlier images."""
+        read (``token_context``; none for the null condition), plus (``mmfs_pooled``) a
+        projection of the mean of the earlier images' features read (none without one)."""
         q, width = self.cfg.num_conditions, self.cfg.token_context
         pooled = context[:, :q].mean(1)
+
+        def mean(part: slice) -> Tensor:
+            x, read = context[:, part], keep[:, part, None].to(context.dtype)
+            return (x * read).sum(1) / read.sum(1).clamp(min=1)
+
         if width:
-            tokens, read = context[:, q : q + width], keep[:, q : q + width, None].to(context.dtype)
-            pooled = pooled + (tokens * read).sum(1) / read.sum(1).clamp(min=1)
+            pooled = pooled + mean(slice(q, q + width))
+        if self.cfg.mmfs and self.cfg.mmfs_pooled and context.shape[1] > q + width:
+            pooled = pooled + self.media_pool(mean(slice(q + width, None)))
         return pooled
 
     # -- sampling --------------------------------------------------------------------------
@@ -338,7 +364,6 @@ class ImageGenerator(nn.Module):
         )
 
 
-@functools.cache
 class DecoupledMedia(nn.Module):
     """A UNet cross-attention (a ``diffusers`` attention processor) that reads its context in
     two parts: the first ``text`` vectors (the condition, with the attention's own keys and
@@ -368,16 +393,60 @@ class DecoupledMedia(nn.Module):
         )
         media = context[:, text:]
         if media.shape[1]:
-            media_bias = None if bias is None else bias[..., text:]
-            seen = torch.ones(n, 1, 1, 1, device=q.device) if bias is None else (media_bias > -1).any(-1, keepdim=True)
-            read = F.scaled_dot_product_attention(
-                q, heads(self.to_k(media)), heads(self.to_v(media)), attn_mask=media_bias
-            )
+            media_bias = torch.zeros(n, 1, 1, media.shape[1], device=q.device) if bias is None else bias[..., text:]
+            read, seen = self.read(q, media, media_bias, heads)
             out = out + torch.tanh(self.gate) * read * seen.to(read.dtype)
         out = out.transpose(1, 2).reshape(n, -1, q.shape[1] * q.shape[-1])
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
+    def read(self, q: Tensor, media: Tensor, bias: Tensor, heads) -> tuple[Tensor, Tensor]:
+        """What the queries (n, h, L, d) read of the earlier images' vectors (n, M, C), masked by
+        ``bias`` (n, 1, 1, M), and which rows have any image to read, (n, 1, 1, 1)."""
+        read = F.scaled_dot_product_attention(q, heads(self.to_k(media)), heads(self.to_v(media)), attn_mask=bias)
+        return read, (bias > -1).any(-1, keepdim=True)
 
+
+class AlignedMedia(DecoupledMedia):
+    """:class:`DecoupledMedia` whose image part is spatially aligned, as MM-Interleaved's MMFS
+    samples the image feature maps around each query's own position (deformable attention with
+    the query's position as reference point): each earlier image's patch grid (``tokens`` per
+    image, a CLS token first when there is one beyond a square grid) is projected to values and
+    resized to the UNet's feature map, so that the query at (y, x) reads the image at (y, x);
+    the query weighs the images (a softmax over those read, keys from each image's mean)."""
+
+    def __init__(self, text: int, attention, tokens: int):
+        super().__init__(text, attention)
+        self.tokens = tokens
+        self.grid = _grid_side(tokens)
+        self.skip = tokens - self.grid**2
+
+    def read(self, q: Tensor, media: Tensor, bias: Tensor, heads) -> tuple[Tensor, Tensor]:
+        n, h, length, d = q.shape
+        side = math.isqrt(length)
+        if side * side != length:
+            raise ValueError(f"mmfs_attention='aligned' needs a square UNet feature map, got {length} positions")
+        images = media.view(n, -1, self.tokens, media.shape[-1])[:, :, self.skip :]  # (n, N, g*g, C)
+        count = images.shape[1]
+        seen = bias.view(n, count, self.tokens)[..., 0] > -1  # (n, N)
+        keys = heads(self.to_k(images.mean(2)))  # (n, h, N, d)
+        values = rearrange(self.to_v(images), "n i (y x) c -> (n i) c y x", y=self.grid)
+        values = F.interpolate(values, size=(side, side), mode="bilinear", align_corners=False)
+        values = rearrange(values, "(n i) (h d) y x -> n h i (y x) d", i=count, h=h)
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(d)  # (n, h, L, N)
+        weights = scores.masked_fill(~seen[:, None, None], -1e4).softmax(-1)  # no image: multiplied by 0 below
+        read = torch.einsum("nhli,nhild->nhld", weights, values)
+        return read, seen.any(-1).view(n, 1, 1, 1)
+
+
+def _grid_side(tokens: int) -> int:
+    """The side of a square patch grid of ``tokens`` tokens, or of ``tokens - 1`` (a CLS first)."""
+    for side in (math.isqrt(tokens), math.isqrt(tokens - 1)):
+        if side and side * side in (tokens, tokens - 1):
+            return side
+    raise ValueError(f"mmfs_attention='aligned': {tokens} vision tokens per image are not a square patch grid")
+
+
+@functools.cache
 def _vae_config(source: str) -> dict:
     diffusers = _diffusers()
     try:

@@ -119,7 +119,7 @@ def draw_images(
     items = [[*interleaved_items(p, f"prompt {i}"), boi] for i, p in enumerate(prompts)]
     batch = processor(items, padding_side="left")
     input_ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-    latents = model.encode_images(input_ids, batch["pixel_values"])
+    latents, features = model.encode_images_and_features(input_ids, batch["pixel_values"])
     out = model.step(input_ids, history_ids=input_ids, attention_mask=mask, media=model.media(latents))
     rows = torch.arange(len(items), device=input_ids.device)
     targets = Targets(
@@ -128,7 +128,8 @@ def draw_images(
         position=torch.full_like(rows, input_ids.shape[1] - 1),
     )
     gen = model.image_generator
-    context, keep = gen.context(model.generation_states(input_ids, out.last_hidden_state), mask, latents, targets)
+    states = model.generation_states(input_ids, out.last_hidden_state)
+    context, keep = gen.context(states, mask, model.generation_media(latents, features), targets)
     noise = torch.Generator().manual_seed(seed)
     return to_images(gen.sample(context, keep, generator=noise, steps=inference_steps, guidance_scale=guidance_scale))
 

@@ -44,6 +44,13 @@ class VisionEncoder(nn.Module):
     def dim(self) -> int:
         return self.tower.post_layernorm.normalized_shape[0]
 
+    @property
+    def num_tokens(self) -> int | None:
+        """Tokens per image (the patches, and a CLS token unless dropped), from the tower's
+        position embeddings; None when the tower does not say."""
+        positions = getattr(self.tower.embeddings, "num_positions", None)
+        return None if positions is None else positions - int(self.cfg.drop_cls)
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         captured: list[Tensor] = []
 
