@@ -436,6 +436,7 @@ def test_mmfs_reads_the_resampled_latents_or_the_patch_features(drawer, features
     with torch.no_grad():  # the vision encoder's tokens (its CLS and patch tokens), before the resampler
         encoded = model.vision(batch["pixel_values"][0, :1])
     assert patches.shape[2] == encoded.shape[1]
+    # exact: encode_images is the same computation on the same inputs, its first half
     assert torch.equal(model.encode_images(batch["input_ids"], batch["pixel_values"]), latents)
     read = []
     gen = model.image_generator
