@@ -134,13 +134,14 @@ class Flamingo(nn.Module):
         ``pixel_values`` (B, N_max, C, H, W) or, for video, (B, N_max, F, C, H, W); padding
         slots never reach the vision encoder.
         """
-        return self.encode_images_and_features(input_ids, pixel_values)[0]
+        return self.encode_images_and_features(input_ids, pixel_values, features=False)[0]
 
     def encode_images_and_features(
-        self, input_ids: Tensor, pixel_values: Tensor | None
+        self, input_ids: Tensor, pixel_values: Tensor | None, *, features: bool = True
     ) -> tuple[Tensor | None, Tensor | None]:
-        """The resampled latents of :meth:`encode_images` and the vision encoder's features
-        they were resampled from, (B, N, F P, D) (the patch grid of each frame)."""
+        """The resampled latents of :meth:`encode_images` and (``features``; else None) the
+        vision encoder's features they were resampled from, (B, N, F P, D) (the patch grid of
+        each frame)."""
         vision_device = next(self.vision.parameters()).device
         input_ids = input_ids.to(vision_device)
         counts = (input_ids == self.ids.image).sum(-1)
@@ -167,14 +168,14 @@ class Flamingo(nn.Module):
         real = torch.arange(n_max, device=input_ids.device) < counts[:, None]  # (B, n_max)
         pixels = pixel_values[:, :n_max][real]  # (n, F, C, H, W)
         n, frames = pixels.shape[:2]
-        features = self.vision(pixels.flatten(0, 1).to(self.dtype))  # (n F, P, D)
-        features = features.unflatten(0, (n, frames))  # (n, F, P, D)
+        encoded = self.vision(pixels.flatten(0, 1).to(self.dtype))  # (n F, P, D)
+        encoded = encoded.unflatten(0, (n, frames))  # (n, F, P, D)
         if self.resampler is not None:
             position = torch.arange(n_max, device=input_ids.device).expand_as(real)[real]
-            latents = self.resampler(features, position)  # (n, L, D)
+            latents = self.resampler(encoded, position)  # (n, L, D)
         else:
-            latents = features.flatten(1, 2)  # (n, F P, D)
-        return _per_sample(latents, real), _per_sample(features.flatten(1, 2), real)
+            latents = encoded.flatten(1, 2)  # (n, F P, D)
+        return _per_sample(latents, real), (_per_sample(encoded.flatten(1, 2), real) if features else None)
 
     def prepare_media(self, input_ids: Tensor, pixel_values: Tensor | None) -> Media | None:
         """Encode the images and project every block's keys/values, once."""
@@ -218,7 +219,9 @@ class Flamingo(nn.Module):
         that draws adds the diffusion loss of every image announced by the begin-of-image token."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        latents, features = self.encode_images_and_features(input_ids, pixel_values)
+        gen = self.config.image_generation
+        patches = labels is not None and gen is not None and gen.mmfs_features == "patches"
+        latents, features = self.encode_images_and_features(input_ids, pixel_values, features=patches)
         out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=self.media(latents))
         logits = self.language_model.logits(out.last_hidden_state)
         if labels is None:

@@ -119,7 +119,8 @@ def draw_images(
     items = [[*interleaved_items(p, f"prompt {i}"), boi] for i, p in enumerate(prompts)]
     batch = processor(items, padding_side="left")
     input_ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-    latents, features = model.encode_images_and_features(input_ids, batch["pixel_values"])
+    patches = model.config.image_generation.mmfs_features == "patches"
+    latents, features = model.encode_images_and_features(input_ids, batch["pixel_values"], features=patches)
     out = model.step(input_ids, history_ids=input_ids, attention_mask=mask, media=model.media(latents))
     rows = torch.arange(len(items), device=input_ids.device)
     targets = Targets(
