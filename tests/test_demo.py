@@ -58,15 +58,18 @@ def test_the_demo_model_learns_in_context(tmp_path_factory):
 
 
 def test_generate_adds_the_drawing_stages(quick_demo, capsys):
-    """``interleaf demo --generate`` on top of a finished demo runs the drawing stages only:
-    stage 3 with and without MMFS, the classifier, the table, the grids and the documents."""
+    """``interleaf demo --generate`` on top of a finished demo keeps the world and the LM, pretrains
+    the tower that encodes shape (``draw_vision``, shape negatives), so reruns the stages that
+    read it, then the drawing stages: stage 3 with and without MMFS, the classifier, the table,
+    the grids and the documents."""
     import dataclasses
 
     opts, _ = quick_demo
     result = run(dataclasses.replace(opts, generate=True, draw_queries=6, draw_documents=2))
     out = opts.out
     ran = {name for name, seconds in result["times"].items() if seconds > 0}
-    assert ran == {"flamingo-draw", "flamingo-draw-nommfs", "draw-classifier", "draw-eval"}
+    reading = {"backbones-vision", "flamingo-stage1", "flamingo-stage2", "eval"}
+    assert ran == reading | {"flamingo-draw", "flamingo-draw-nommfs", "draw-classifier", "draw-eval"}
     for run_dir in ("flamingo-draw", "flamingo-draw-nommfs"):
         config = json.loads((out / run_dir / "final" / "config.json").read_text())
         assert config["image_generation"]["mmfs"] == (run_dir == "flamingo-draw")

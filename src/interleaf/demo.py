@@ -80,6 +80,9 @@ class DemoOptions:
     eval_queries: int = 60  # held-out queries per task
     lm: LMPretraining = field(default_factory=lambda: LMPretraining(steps=800))
     vision: VisionPretraining = field(default_factory=lambda: VisionPretraining(steps=300))
+    # With generate the tower must encode shape, for MMFS to copy it: longer, larger batches, and
+    # each scene beside its shape-swapped copy (scene_pairs' shape_negatives); see the README
+    draw_vision: VisionPretraining = field(default_factory=lambda: VisionPretraining(steps=2000, batch_size=256))
     stage1_steps: int = 300
     stage2_steps: int = 500
     batch_size: int = 16
@@ -104,13 +107,16 @@ class DemoOptions:
             scale=1.0,
             documents=s(self.documents, 40),
             lm=dataclasses.replace(self.lm, steps=s(self.lm.steps), warmup=min(self.lm.warmup, s(self.lm.steps) // 4)),
-            vision=dataclasses.replace(
-                self.vision, steps=s(self.vision.steps), warmup=min(self.vision.warmup, s(self.vision.steps) // 4)
-            ),
+            vision=_scaled_steps(self.vision, s),
+            draw_vision=_scaled_steps(self.draw_vision, s),
             stage1_steps=s(self.stage1_steps),
             stage2_steps=s(self.stage2_steps),
             draw_steps=s(self.draw_steps),
         )
+
+
+def _scaled_steps(cfg: VisionPretraining, s: Callable[[int], int]) -> VisionPretraining:
+    return dataclasses.replace(cfg, steps=s(cfg.steps), warmup=min(cfg.warmup, s(cfg.steps) // 4))
 
 
 class Stages:
@@ -150,9 +156,8 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     world = stages.run("world", _world_config(opts), lambda d: _write_world(d, opts))
     lm_config = {"lm": dataclasses.asdict(opts.lm), "after": stages.digests}
     lm = stages.run("backbones-lm", lm_config, lambda d: _lm(d, opts))
-    vision = stages.run(
-        "backbones-vision", {**dataclasses.asdict(opts.vision), "after": stages.digests}, lambda d: _vision(d, opts, lm)
-    )
+    tower = {**dataclasses.asdict(_tower(opts)), "shape_negatives": opts.generate, "after": stages.digests}
+    vision = stages.run("backbones-vision", tower, lambda d: _vision(d, opts, lm))
     stage1 = stages.run(
         "flamingo-stage1",
         {"steps": opts.stage1_steps, "batch": opts.batch_size, "dtype": opts.dtype, "after": stages.digests},
@@ -203,9 +208,15 @@ def _vision(where: Path, opts: DemoOptions, lm: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(lm)
-    cfg = dataclasses.replace(opts.vision, seed=opts.seed)
-    losses = pretrain_vision(scene_pairs(opts.seed, cfg.image_size), tokenizer, where, cfg, progress=opts.progress)
+    cfg = dataclasses.replace(_tower(opts), seed=opts.seed)
+    pairs = scene_pairs(opts.seed, cfg.image_size, shape_negatives=opts.generate)
+    losses = pretrain_vision(pairs, tokenizer, where, cfg, progress=opts.progress)
     print(f"  CLIP vision ({cfg.layers}x{cfg.hidden}) contrastive loss {losses[0]:.2f} -> {_tail(losses):.2f}")
+
+
+def _tower(opts: DemoOptions) -> VisionPretraining:
+    """The vision pretraining the run uses: the drawing run's tower must encode shape."""
+    return opts.draw_vision if opts.generate else opts.vision
 
 
 def _tail(losses: list[float], n: int = 20) -> float:

@@ -80,3 +80,27 @@ def test_pretrained_lm_learns_and_loads_as_a_flamingo_backbone(docs, tokenizer, 
     ids = torch.tensor([tokenizer("a large red star on a grey background.")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits[..., : len(tokenizer)], lm(ids).logits, atol=1e-5)
+
+
+def test_shape_negatives_differ_from_their_scene_in_shape_alone():
+    """Each hard negative keeps places, colours, sizes, counts and background, changes every
+    group's shape, and stays within the training combinations (held-out ones stay unseen)."""
+    import itertools
+    import random
+
+    from interleaf.data.tinyworld import TRAIN_COMBOS, random_scene
+    from interleaf.train.backbones import _shape_swapped
+
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = random_scene(rng)
+        other = _shape_swapped(scene, rng)
+        backdrop = (scene.background, scene.style, scene.texture_seed)
+        assert (other.background, other.style, other.texture_seed) == backdrop
+        assert len(other.groups()) == len(scene.groups())  # two groups never merge
+        for a, b in zip(scene.things, other.things):
+            assert (a.colour, a.size, a.position, a.jitter) == (b.colour, b.size, b.position, b.jitter)
+            assert b.shape != a.shape and (b.colour, b.shape) in TRAIN_COMBOS  # every colour has 3+ shapes
+    plain = [c for _, c in itertools.islice(scene_pairs(3), 2)]
+    paired = [c for _, c in itertools.islice(scene_pairs(3, shape_negatives=True), 4)]
+    assert plain[0] == paired[0] and paired[1] != paired[0]  # the same scenes, each followed by its negative

@@ -16,6 +16,7 @@ Each writes a Hugging Face directory (``save_pretrained``) that ``LMConfig.sourc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from interleaf.data.schema import Document
-from interleaf.data.tinyworld import Scene, caption, random_scene, reference_captions, render
+from interleaf.data.tinyworld import TRAIN_COMBOS, Scene, caption, random_scene, reference_captions, render
 from interleaf.tiny import CHAT_TEMPLATE, build_tokenizer, lm_config, vision_config
 
 
@@ -202,12 +203,35 @@ def image_processor(image_size: int = 32):
     return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def scene_pairs(seed: int, image_size: int = 32) -> Iterator[tuple[Image.Image, str]]:
-    """Endless (picture, caption) pairs of random training scenes, a caption paraphrase each."""
+def scene_pairs(seed: int, image_size: int = 32, *, shape_negatives: bool = False) -> Iterator[tuple[Image.Image, str]]:
+    """Endless (picture, caption) pairs of random training scenes, a caption paraphrase each.
+
+    With ``shape_negatives`` every scene is followed by its hard negative: the same scene (places,
+    colours, sizes, background) with each group's shape changed to another one that the training
+    combinations allow in that colour, and its caption. A contrastive batch can then only be
+    told apart by shape, which plain batches seldom require (colour separates most pairs), as
+    NegCLIP's swapped-word negatives do for word order (Yuksekgonul et al., ICLR 2023)."""
     rng = random.Random(f"tinyworld/{seed}/clip")
     while True:
         scene = random_scene(rng)
-        yield render(scene, image_size), rng.choice([caption(scene), *reference_captions(scene)])
+        scenes = [scene, _shape_swapped(scene, rng)] if shape_negatives else [scene]
+        for shown in scenes:
+            yield render(shown, image_size), rng.choice([caption(shown), *reference_captions(shown)])
+
+
+def _shape_swapped(scene: Scene, rng: random.Random) -> Scene:
+    """``scene`` with every group's shape replaced by another of its colour's training shapes
+    (held-out colour+shape combinations stay unseen); a group with no other keeps its shape."""
+    shown = scene.combos()
+    swap: dict[tuple[str, str], str] = {}
+    for thing in scene.things:
+        key = (thing.colour, thing.shape)
+        if key not in swap:
+            taken = shown | {(c, s) for (c, _), s in swap.items()}  # two groups never become one
+            others = [s for c, s in TRAIN_COMBOS if c == thing.colour and (c, s) not in taken]
+            swap[key] = rng.choice(others) if others else thing.shape
+    things = tuple(dataclasses.replace(t, shape=swap[(t.colour, t.shape)]) for t in scene.things)
+    return dataclasses.replace(scene, things=things)
 
 
 def pretrain_vision(
