@@ -13,6 +13,9 @@ def test_every_stage_runs_and_writes_its_output(quick_demo):
     assert (out / "world" / "manifest.json").exists()
     assert (out / "backbones-lm" / "config.json").exists() and (out / "backbones-lm" / "tokenizer.json").exists()
     assert (out / "backbones-vision" / "config.json").exists()
+    probe = json.loads((out / "backbones-lm" / "stage.json").read_text())["induction"]  # recorded with the stage
+    assert probe == json.loads((out / "backbones-lm" / "induction.json").read_text())["final"]
+    assert probe["first"] > 0 and probe["ratio"] > 0
     assert (out / "backbones-vision" / "preprocessor_config.json").exists()
     for stage in ("flamingo-stage1", "flamingo-stage2"):
         assert (out / stage / "final" / "model.safetensors").exists()

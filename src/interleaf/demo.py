@@ -48,6 +48,7 @@ from interleaf.data.shards import write_shards
 from interleaf.eval import drawing
 from interleaf.eval.harness import EvalConfig, Prompter, answer_text, evaluate, rank_candidates
 from interleaf.eval.imagegen import load_classifier, save_classifier, train_classifier
+from interleaf.eval.probes import flamingo_induction, lm_induction, ordinary_ids
 from interleaf.eval.report import plot, table
 from interleaf.eval.rices import Rices
 from interleaf.eval.tasks import load_task
@@ -78,7 +79,7 @@ class DemoOptions:
     scale: float = 1.0  # multiplies documents and steps
     documents: int = 3000  # tiny-world training documents (and as many again for stage 2)
     eval_queries: int = 60  # held-out queries per task
-    lm: LMPretraining = field(default_factory=lambda: LMPretraining(steps=800))
+    lm: LMPretraining = field(default_factory=lambda: LMPretraining(steps=800, probe_every=50))
     vision: VisionPretraining = field(default_factory=lambda: VisionPretraining(steps=300))
     # With generate the tower must encode shape, for MMFS to copy it: longer, larger batches, and
     # each scene beside its shape-swapped copy (scene_pairs' shape_negatives); see the README
@@ -140,9 +141,10 @@ class Stages:
         print(f"[{name}] ...")
         start = time.perf_counter()
         where.mkdir(parents=True, exist_ok=True)
-        make(where)
+        record = make(where)  # a stage may return a dict of measurements, kept in its stage.json
         self.times[name] = time.perf_counter() - start
-        marker.write_text(json.dumps({"config": digest, "seconds": self.times[name]}) + "\n")
+        extra = record if isinstance(record, dict) else {}
+        marker.write_text(json.dumps({"config": digest, "seconds": self.times[name], **extra}) + "\n")
         print(f"[{name}] {self.times[name]:.0f}s")
         return where
 
@@ -196,12 +198,23 @@ def _write_world(where: Path, opts: DemoOptions) -> None:
     tinyworld.write(where, seed=opts.seed, n_train=opts.documents, n_eval=opts.eval_queries, overwrite=True)
 
 
-def _lm(where: Path, opts: DemoOptions) -> None:
+def _lm(where: Path, opts: DemoOptions) -> dict[str, Any] | None:
 
     texts = [document_text(doc) for doc in tinyworld.iter_train_documents(opts.seed, opts.documents)]
     tokenizer = train_tokenizer(texts, vocab_size=512)
-    losses = pretrain_lm(texts, tokenizer, where, opts.lm, progress=opts.progress)
-    print(f"  LM ({opts.lm.family}, {opts.lm.layers}x{opts.lm.hidden}) loss {losses[0]:.2f} -> {_tail(losses):.2f}")
+    cfg = dataclasses.replace(opts.lm, seed=opts.seed)
+    probe = where / "induction.json"
+    probe.unlink(missing_ok=True)  # a rerun's own, or none
+    losses = pretrain_lm(texts, tokenizer, where, cfg, progress=opts.progress)
+    print(f"  LM ({cfg.family}, {cfg.layers}x{cfg.hidden}) loss {losses[0]:.2f} -> {_tail(losses):.2f}")
+    if not probe.exists():
+        return None
+    induction = json.loads(probe.read_text())["final"]
+    print(
+        f"  induction probe: loss on a repeated random sequence {induction['first']:.2f} (first copy) -> "
+        f"{induction['second']:.2f} (second), {100 * induction['ratio']:.0f}%"
+    )
+    return {"induction": induction}
 
 
 def _vision(where: Path, opts: DemoOptions, lm: Path) -> None:
@@ -260,7 +273,7 @@ def _recipe(where: Path, opts: DemoOptions, model: FlamingoConfig, sources: dict
     )
 
 
-def _stage1(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path) -> None:
+def _stage1(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path) -> dict[str, Any]:
     """Frozen backbones; the world's interleaved documents (MMC4 layout) and pairs (parquet)."""
 
     shards = where / "shards"
@@ -271,9 +284,10 @@ def _stage1(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path)
     sources = {"interleaved": str(shards / "interleaved"), "pairs": str(shards / "pairs")}
     result = train(_recipe(where, opts, flamingo_config(lm, vision), sources, opts.stage1_steps, 1e-3))
     print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")
+    return _probes(where / "final", opts, world)
 
 
-def _stage2(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path, stage1: Path) -> None:
+def _stage2(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path, stage1: Path) -> dict[str, Any]:
     """From stage 1's weights, the LM unfrozen, on task and in-context documents (a fresh draw of the world)."""
 
     shards = where / "shards"
@@ -286,6 +300,24 @@ def _stage2(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path,
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=str(stage1 / "final")))
     result = train(recipe)
     print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")
+    return _probes(where / "final", opts, world)
+
+
+def _probes(model_dir: Path, opts: DemoOptions, world: Path) -> dict[str, Any]:
+    """The induction probes on a stage's model (recorded in its stage.json): its LM on a
+    repeated random sequence, and the held-out classification's pictures and words."""
+    model, processor = _load(model_dir, opts)
+    spec, support, _ = load_task("tinyworld_classification", world)
+    lm = lm_induction(model, ordinary_ids(processor.tokenizer), seed=opts.seed)
+    pictures = flamingo_induction(model, processor, spec, support, seed=opts.seed)
+    same = pictures.get("same_class")  # absent when no class has two support pictures
+    print(
+        f"  induction probes: LM on a repeated random sequence {lm['first']:.2f} -> {lm['second']:.2f} "
+        f"({100 * lm['ratio']:.0f}%); a picture's word first shown {pictures['first']:.2f}, "
+        f"at its picture again {pictures['repeat']:.2f} ({100 * pictures['ratio']:.0f}%)"
+        + (f", at another picture of its class {same:.2f} ({100 * pictures['same_class_ratio']:.0f}%)" if same else "")
+    )
+    return {"lm_induction": lm, "picture_induction": pictures}
 
 
 def _load(model_dir: Path, opts: DemoOptions) -> tuple[Flamingo, Processor]:

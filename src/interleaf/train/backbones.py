@@ -17,9 +17,10 @@ Each writes a Hugging Face directory (``save_pretrained``) that ``LMConfig.sourc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from interleaf.data.schema import Document
 from interleaf.data.tinyworld import TRAIN_COMBOS, Scene, caption, random_scene, reference_captions, render
+from interleaf.eval.probes import lm_induction, ordinary_ids
 from interleaf.tiny import CHAT_TEMPLATE, build_tokenizer, lm_config, vision_config
 
 
@@ -69,6 +71,11 @@ class LMPretraining:
     lr: float = 3e-3
     warmup: int = 30
     seed: int = 0
+    probe_every: int = 0  # > 0: the induction probe every so many steps and after the last (induction.json)
+    # the share of a batch's rows that are synthetic copying text: random token runs, each
+    # repeated at once (A A B B ...), learned on the repeats only: it rewards induction heads
+    induction_share: float = 0.0
+    induction_run: tuple[int, int] = (4, 24)  # the runs' lengths, in tokens
 
 
 def _packed(ids: list[list[int]], seq_len: int, rng: random.Random) -> Iterator[list[int]]:
@@ -101,25 +108,78 @@ def pretrain_lm(
     model = transformers.AutoModelForCausalLM.from_config(config)
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     windows = _packed(ids, cfg.seq_len, rng)
+    curve: list[dict] = []
+
+    def probe(step: int) -> None:
+        if cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == cfg.steps):
+            curve.append({"step": step, **lm_induction(model, ordinary_ids(tokenizer), seed=cfg.seed)})
+
+    probe(0)
     losses = _optimise(
         model,
-        lambda: _lm_loss(model, torch.tensor([next(windows) for _ in range(cfg.batch_size)])),
+        lambda: _lm_loss(model, *_lm_batch(windows, cfg, ordinary_ids(tokenizer), rng)),
         cfg.steps,
         cfg.lr,
         cfg.warmup,
         desc="pretrain LM",
         progress=progress,
+        after_step=probe,
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if curve:
+        (Path(directory) / "induction.json").write_text(json.dumps({"curve": curve, "final": curve[-1]}, indent=1))
     return losses
 
 
-def _lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, labels=batch, use_cache=False).loss  # no KV cache while training
+def _lm_batch(
+    windows: Iterator[list[int]], cfg: LMPretraining, vocab: tuple[int, int], rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of (input ids, labels): windows of the texts (labels: the ids) and, with
+    ``cfg.induction_share``, that share of rows of copying text in their place."""
+    if not 0.0 <= cfg.induction_share <= 1.0:
+        raise ValueError(f"induction_share must be in [0, 1], got {cfg.induction_share}")
+    copying = round(cfg.induction_share * cfg.batch_size)
+    rows = [next(windows) for _ in range(cfg.batch_size - copying)]
+    ids, labels = [*rows], [*rows]
+    for _ in range(copying):
+        row, target = copying_row(rng, vocab, cfg.seq_len, cfg.induction_run)
+        ids.append(row)
+        labels.append(target)
+    return torch.tensor(ids), torch.tensor(labels)
 
 
-def _optimise(model: nn.Module, loss_fn, steps: int, lr: float, warmup: int, *, desc: str, progress: bool):
+def copying_row(
+    rng: random.Random, vocab: tuple[int, int], length: int, run: tuple[int, int] = (4, 24)
+) -> tuple[list[int], list[int]]:
+    """``length`` tokens of random runs each shown twice (A A B B ...), ids drawn uniformly from
+    ``vocab`` (low, high); labels -100 (no loss) on each first copy and on each repeat's first
+    token, which nothing predicts: the loss is on what can be copied."""
+    low, high = vocab
+    ids: list[int] = []
+    labels: list[int] = []
+    while len(ids) < length:
+        tokens = [rng.randrange(low, high) for _ in range(rng.randint(*run))]
+        ids += tokens + tokens
+        labels += [-100] * len(tokens) + [-100] + tokens[1:]
+    return ids[:length], labels[:length]
+
+
+def _lm_loss(model, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=labels, use_cache=False).loss  # no KV cache while training
+
+
+def _optimise(
+    model: nn.Module,
+    loss_fn,
+    steps: int,
+    lr: float,
+    warmup: int,
+    *,
+    desc: str,
+    progress: bool,
+    after_step: Callable[[int], None] | None = None,
+):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
@@ -135,6 +195,8 @@ def _optimise(model: nn.Module, loss_fn, steps: int, lr: float, warmup: int, *, 
         scheduler.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if after_step is not None:
+            after_step(len(losses))
     model.eval()
     return losses
 
