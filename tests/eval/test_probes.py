@@ -78,6 +78,9 @@ def test_probing_during_pretraining_records_a_curve_and_changes_nothing(tmp_path
     assert record["final"] == record["curve"][-1]
     # an untrained LM cannot copy: both copies cost about log(vocabulary size)
     assert 0.8 < record["curve"][0]["ratio"] < 1.2
+    with pytest.raises(ValueError, match="induction_share must be in"):
+        pretrain_lm(texts, tokenizer, tmp_path / "bad", LMPretraining(**{**vars(cfg), "induction_share": 1.5}))
+    assert not (tmp_path / "bad").exists()  # refused before any work
 
 
 @pytest.fixture(scope="module")

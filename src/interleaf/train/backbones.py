@@ -104,6 +104,8 @@ def pretrain_lm(
 ) -> list[float]:
     """Train a small causal LM on ``texts`` (each ends with EOS) and save it with ``tokenizer``
     to ``directory``; returns the per-step losses."""
+    if not 0.0 <= cfg.induction_share <= 1.0:
+        raise ValueError(f"induction_share must be in [0, 1], got {cfg.induction_share}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     config = lm_config(cfg.family, len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
@@ -139,8 +141,6 @@ def _lm_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of (input ids, labels): windows of the texts (labels: the ids) and, with
     ``cfg.induction_share``, that share of rows of copying text in their place."""
-    if not 0.0 <= cfg.induction_share <= 1.0:
-        raise ValueError(f"induction_share must be in [0, 1], got {cfg.induction_share}")
     copying = round(cfg.induction_share * cfg.batch_size)
     rows = [next(windows) for _ in range(cfg.batch_size - copying)]
     ids, labels = [*rows], [*rows]
