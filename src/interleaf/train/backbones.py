@@ -113,15 +113,16 @@ def pretrain_lm(
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     windows = _packed(ids, cfg.seq_len, rng)
     curve: list[dict] = []
+    vocab = ordinary_ids(tokenizer)
 
     def probe(step: int) -> None:
         if cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == cfg.steps):
-            curve.append({"step": step, **lm_induction(model, ordinary_ids(tokenizer), seed=cfg.seed)})
+            curve.append({"step": step, **lm_induction(model, vocab, seed=cfg.seed)})
 
     probe(0)
     losses = _optimise(
         model,
-        lambda: _lm_loss(model, *_lm_batch(windows, cfg, ordinary_ids(tokenizer), rng)),
+        lambda: _lm_loss(model, *_lm_batch(windows, cfg, vocab, rng)),
         cfg.steps,
         cfg.lr,
         cfg.warmup,
@@ -152,7 +153,7 @@ def _lm_batch(
 
 
 def copying_row(
-    rng: random.Random, vocab: tuple[int, int], length: int, run: tuple[int, int] = (4, 24)
+    rng: random.Random, vocab: tuple[int, int], length: int, run: tuple[int, int] = (16, 48)
 ) -> tuple[list[int], list[int]]:
     """``length`` tokens of random runs each shown twice (A A B B ...), ids drawn uniformly from
     ``vocab`` (low, high); labels -100 (no loss) on each first copy and on each repeat's first
