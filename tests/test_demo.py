@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from interleaf.demo import TASKS, DemoOptions, run
 from interleaf.model.flamingo import Flamingo
 from interleaf.model.trainable import parameter_groups
@@ -25,8 +27,22 @@ def test_every_stage_runs_and_writes_its_output(quick_demo):
     assert sorted(r["task"] for r in result["reports"]) == sorted(TASKS)
     for report in result["reports"]:
         assert sorted(int(k) for k in report["summary"]) == [0, 2]
+        assert len(report["summary"]["2"]["trials"]) == opts.trials == 3  # random demonstrations, 3 draws
     assert (out / "fewshot.png").stat().st_size > 1000
-    assert isinstance(result["answer"], str) and result["expected"]
+    assert (out / "induction.png").read_bytes()[:4] == b"\x89PNG"  # the LM's probe curve
+
+
+def test_the_showcased_answers_follow_a_fixed_rule(quick_demo):
+    """The printed answers are the evaluation's own, right or wrong: the first query of each of
+    the first three classes, at the most shots up to 4 (here 2), first trial."""
+    opts, result = quick_demo
+    report = json.loads((opts.out / "eval" / "tinyworld_classification-random.json").read_text())
+    (run_,) = [r for r in report["results"] if r["shots"] == 2 and r["trial"] == 0]
+    samples = run_["samples"][:3]  # 6 queries, one per class, sorted by class
+    assert [e["answer"] for e in result["examples"]] == [s["answer"] for s in samples]
+    assert [e["expected"] for e in result["examples"]] == [s["id"].split("/")[-2] for s in samples]
+    assert [e["demos"] for e in result["examples"]] == [[d.split("/")[-2] for d in s["demos"]] for s in samples]
+    assert (result["answer"], result["expected"]) == (samples[0]["answer"], result["examples"][0]["expected"])
 
 
 def test_a_second_run_skips_finished_stages(quick_demo, capsys):
@@ -48,16 +64,26 @@ def test_stage1_starts_from_frozen_pretrained_backbones(quick_demo):
         assert param.equal(pretrained[name]), name
 
 
-def test_the_demo_model_learns_in_context(tmp_path_factory):
-    """The full default demo (minutes): on the held-out classification, whose invented class
-    words only the demonstrations define, 0-shot is at chance and 4-shot with RICES
-    demonstrations is far above it."""
-    result = run(DemoOptions(out=tmp_path_factory.mktemp("full-demo"), progress=False))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_demo_model_learns_in_context(tmp_path_factory, seed):
+    """The full default demo (about 10 minutes on 2 cores), for two training seeds (the world,
+    the backbones and every stage): on the held-out classification, whose six invented class
+    words only the demonstrations define (chance 16.7%), the model learns from demonstrations
+    drawn at random (only about 52% of random 4-shot prompts show the query's class at all,
+    77% of 8-shot ones), and RICES demonstrations never make it worse with more shots. The LM
+    has induction heads: it copies a repeated random sequence. Bounds from issue 15; the
+    figures measured on 2 cores are in the README."""
+    result = run(DemoOptions(out=tmp_path_factory.mktemp(f"full-demo-{seed}"), seed=seed, progress=False))
     reports = {(r["task"], r["model"]): r["summary"] for r in result["reports"]}
+    chosen = reports[("tinyworld_classification", "random demos")]
     rices = reports[("tinyworld_classification", "rices demos")]
+    assert len(chosen["4"]["trials"]) == 3  # the mean of 3 draws of demonstrations
     assert rices["0"]["mean"] < 0.3  # chance is 1/6
-    assert rices["4"]["mean"] >= rices["0"]["mean"] + 0.2
-    assert rices["2"]["mean"] >= rices["0"]["mean"] + 0.2
+    assert chosen["4"]["mean"] >= 0.45
+    assert chosen["8"]["mean"] >= 0.60
+    assert rices["8"]["mean"] >= rices["2"]["mean"] - 0.05
+    probe = json.loads((result["model"].parents[1] / "backbones-lm" / "stage.json").read_text())["induction"]
+    assert probe["second"] < 0.2 * probe["first"]
 
 
 def test_generate_adds_the_drawing_stages(quick_demo, capsys):

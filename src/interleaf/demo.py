@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
 import shlex
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,10 +46,10 @@ from interleaf.data.formats import read
 from interleaf.data.pages import write_interleaved
 from interleaf.data.shards import write_shards
 from interleaf.eval import drawing
-from interleaf.eval.harness import EvalConfig, Prompter, answer_text, evaluate, rank_candidates
+from interleaf.eval.harness import EvalConfig, Prompter, answer_text, evaluate
 from interleaf.eval.imagegen import load_classifier, save_classifier, train_classifier
 from interleaf.eval.probes import flamingo_induction, lm_induction, ordinary_ids
-from interleaf.eval.report import plot, table
+from interleaf.eval.report import plot, plot_induction, table
 from interleaf.eval.rices import Rices
 from interleaf.eval.tasks import load_task
 from interleaf.model.flamingo import Flamingo
@@ -68,7 +68,13 @@ from interleaf.train.config import DataConfig, OptimConfig, Recipe, SourceConfig
 from interleaf.train.loop import train
 
 TASKS = ("tinyworld_classification", "tinyworld_vqa", "tinyworld_caption")
-STAGE2_MIX = {"icl_colour_words": 0.3, "icl": 0.3, "task": 0.2, "interleaved": 0.1, "pair": 0.1}
+# mostly long bursty in-context documents (the held-out classification's kind: colours), some of
+# every granularity, and the formats of the other tasks kept up
+STAGE2_MIX = {"icl_bursty_colour": 0.7, "icl_bursty": 0.1, "task": 0.1, "interleaved": 0.05, "pair": 0.05}
+# stage 1's in-context documents, a third source beside the world's interleaved ones and pairs
+STAGE1_ICL_MIX = {"icl_bursty_colour": 0.7, "icl_bursty": 0.3}
+STAGE1_ICL_WEIGHT = 1.0  # the interleaved and pair sources weigh 1 each
+MAX_IMAGES = 16  # pictures per training sequence: 16-shot prompts are in-distribution
 DRAW_MIX = {"story": 0.55, "variation": 0.3, "interleaved": 0.15}  # drawing, and reading kept up
 
 
@@ -79,16 +85,23 @@ class DemoOptions:
     scale: float = 1.0  # multiplies documents and steps
     documents: int = 3000  # tiny-world training documents (and as many again for stage 2)
     eval_queries: int = 60  # held-out queries per task
-    lm: LMPretraining = field(default_factory=lambda: LMPretraining(steps=800, probe_every=50))
+    # copying text first, then a quarter of it beside the world's text: the curriculum that forms
+    # induction heads (the probe's phase change, README)
+    lm: LMPretraining = field(
+        default_factory=lambda: LMPretraining(
+            steps=1800, lr=1e-3, probe_every=50, induction_share=0.25, induction_first=1000
+        )
+    )
     vision: VisionPretraining = field(default_factory=lambda: VisionPretraining(steps=300))
     # With generate the tower must encode shape, for MMFS to copy it: longer, larger batches, and
     # each scene beside its shape-swapped copy (scene_pairs' shape_negatives); see the README
     draw_vision: VisionPretraining = field(default_factory=lambda: VisionPretraining(steps=2000, batch_size=256))
     stage1_steps: int = 300
-    stage2_steps: int = 500
+    stage2_steps: int = 700
     batch_size: int = 16
     shots: tuple[int, ...] = (0, 2, 4, 8)
     demos: tuple[str, ...] = ("rices", "random")
+    trials: int = 3  # draws of random demonstrations per shot count (RICES is deterministic: one)
     progress: bool = True
     generate: bool = False  # then learn to draw: stage 3 with and without MMFS, and the drawing evaluation
     draw_steps: int = 2000
@@ -107,7 +120,12 @@ class DemoOptions:
             self,
             scale=1.0,
             documents=s(self.documents, 40),
-            lm=dataclasses.replace(self.lm, steps=s(self.lm.steps), warmup=min(self.lm.warmup, s(self.lm.steps) // 4)),
+            lm=dataclasses.replace(
+                self.lm,
+                steps=s(self.lm.steps),
+                warmup=min(self.lm.warmup, s(self.lm.steps) // 4),
+                induction_first=min(s(self.lm.steps), round(self.lm.induction_first * self.scale)),
+            ),
             vision=_scaled_steps(self.vision, s),
             draw_vision=_scaled_steps(self.draw_vision, s),
             stage1_steps=s(self.stage1_steps),
@@ -162,18 +180,23 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     vision = stages.run("backbones-vision", tower, lambda d: _vision(d, opts, lm))
     stage1 = stages.run(
         "flamingo-stage1",
-        {"steps": opts.stage1_steps, "batch": opts.batch_size, "dtype": opts.dtype, "after": stages.digests},
+        {
+            **_flamingo_stage(opts, opts.stage1_steps),
+            "icl": STAGE1_ICL_MIX,
+            "icl_weight": STAGE1_ICL_WEIGHT,
+            "after": stages.digests,
+        },
         lambda d: _stage1(d, opts, world, lm, vision),
     )
     stage2 = stages.run(
         "flamingo-stage2",
-        {"steps": opts.stage2_steps, "batch": opts.batch_size, "dtype": opts.dtype, "after": stages.digests},
+        {**_flamingo_stage(opts, opts.stage2_steps), "mix": STAGE2_MIX, "after": stages.digests},
         lambda d: _stage2(d, opts, world, lm, vision, stage1),
     )
     model_dir = stage2 / "final"
     evaluation = stages.run(
         "eval",
-        {"shots": opts.shots, "demos": opts.demos, "dtype": opts.dtype, "after": stages.digests},
+        {"shots": opts.shots, "demos": opts.demos, "trials": opts.trials, "dtype": opts.dtype, "after": stages.digests},
         lambda d: _evaluate(d, opts, model_dir, world),
     )
     reports = [json.loads(p.read_text()) for p in sorted(evaluation.glob("*.json")) if p.name != "stage.json"]
@@ -182,7 +205,12 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     print(table(reports))
     figure = plot(reports, opts.out / "fewshot.png")
     print(f"\nplot: {figure}")
-    answer = _answer(model_dir, world, opts.out / "examples", opts)
+    probe = lm / "induction.json"
+    if probe.exists():
+        curve = json.loads(probe.read_text())["curve"]
+        curve = plot_induction(curve, opts.out / "induction.png", copying_until=opts.lm.induction_first)
+        print(f"the LM's induction probe against its pretraining steps: {curve}")
+    answer = {**_showcase(evaluation, world), **_caption(model_dir, world, opts.out / "examples", opts)}
     if opts.generate:
         answer["drawing"] = _drawing_stages(stages, opts, lm, vision, stage2)
     seconds = time.perf_counter() - start
@@ -191,7 +219,13 @@ def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
 
 
 def _world_config(opts: DemoOptions) -> dict[str, Any]:
-    return {"seed": opts.seed, "documents": opts.documents, "eval": opts.eval_queries}
+    return {"seed": opts.seed, "documents": opts.documents, "eval": opts.eval_queries, "version": tinyworld.VERSION}
+
+
+def _flamingo_stage(opts: DemoOptions, steps: int) -> dict[str, Any]:
+    """What a Flamingo stage's output depends on beside its data and the stages before it."""
+    model = dataclasses.asdict(flamingo_config(Path("lm"), Path("vision")))
+    return {"steps": steps, "batch": opts.batch_size, "dtype": opts.dtype, "model": model, "images": MAX_IMAGES}
 
 
 def _write_world(where: Path, opts: DemoOptions) -> None:
@@ -242,19 +276,22 @@ def flamingo_config(lm: Path, vision: Path) -> FlamingoConfig:
     return FlamingoConfig(
         lm=LMConfig(source=str(lm)),
         vision=VisionConfig(source=str(vision)),
-        resampler=ResamplerConfig(depth=1, num_latents=8, heads=4, head_dim=16, max_media=10),
+        # no media-position embeddings (OpenFlamingo's default): an in-context example reads the
+        # same wherever it stands in the prompt
+        resampler=ResamplerConfig(depth=1, num_latents=8, heads=4, head_dim=16, max_media=0),
         cross_attention=CrossAttentionConfig(interval=1, heads=4, head_dim=16),
     )
 
 
-def _recipe(where: Path, opts: DemoOptions, model: FlamingoConfig, sources: dict[str, str], steps: int, lr: float):
-
+def _recipe(
+    where: Path, opts: DemoOptions, model: FlamingoConfig, sources: dict[str, SourceConfig], steps: int, lr: float
+):
     return Recipe(
         model=model,
         data=DataConfig(
-            sources={name: SourceConfig(shards=path) for name, path in sources.items()},
+            sources=sources,
             batch_size=opts.batch_size,
-            collate=CollateConfig(max_tokens=192, max_images=10),
+            collate=CollateConfig(max_tokens=224, max_images=MAX_IMAGES),
             seed=opts.seed,
         ),
         optim=OptimConfig(lr=lr, warmup_steps=min(30, steps // 4), weight_decay=0.0),
@@ -276,12 +313,19 @@ def _recipe(where: Path, opts: DemoOptions, model: FlamingoConfig, sources: dict
 def _stage1(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path) -> dict[str, Any]:
     """Frozen backbones; the world's interleaved documents (MMC4 layout) and pairs (parquet)."""
 
-    shards = where / "shards"
-    if not (shards / "pairs").exists():
+    def write(shards: Path) -> None:
         mmc4 = world / "train" / "mmc4"
         write_shards(read(mmc4, "mmc4", image_root=mmc4 / "images"), shards / "interleaved", max_samples=500)
         write_shards(read(world / "train" / "pairs.parquet", "pairs_parquet"), shards / "pairs", max_samples=500)
-    sources = {"interleaved": str(shards / "interleaved"), "pairs": str(shards / "pairs")}
+        icl = tinyworld.iter_train_documents(opts.seed + 3, opts.documents, mix=STAGE1_ICL_MIX)
+        write_shards(icl, shards / "icl", max_samples=500)
+
+    shards = _shards(where / "shards", {"world": _world_config(opts), "icl": STAGE1_ICL_MIX, **_drawn(opts, 3)}, write)
+    sources = {
+        "interleaved": SourceConfig(shards=str(shards / "interleaved")),
+        "pairs": SourceConfig(shards=str(shards / "pairs")),
+        "icl": SourceConfig(shards=str(shards / "icl"), weight=STAGE1_ICL_WEIGHT),
+    }
     result = train(_recipe(where, opts, flamingo_config(lm, vision), sources, opts.stage1_steps, 1e-3))
     print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")
     return _probes(where / "final", opts, world)
@@ -290,17 +334,36 @@ def _stage1(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path)
 def _stage2(where: Path, opts: DemoOptions, world: Path, lm: Path, vision: Path, stage1: Path) -> dict[str, Any]:
     """From stage 1's weights, the LM unfrozen, on task and in-context documents (a fresh draw of the world)."""
 
-    shards = where / "shards"
-    if not shards.exists():
+    def write(shards: Path) -> None:
         docs = tinyworld.iter_train_documents(opts.seed + 1, opts.documents, mix=STAGE2_MIX)
         write_shards(docs, shards, max_samples=500)
+
+    shards = _shards(where / "shards", {"mix": STAGE2_MIX, **_drawn(opts, 1)}, write)
     config = flamingo_config(lm, vision)
     config = dataclasses.replace(config, trainable=dataclasses.replace(config.trainable, lm=True))
-    recipe = _recipe(where, opts, config, {"mixed": str(shards)}, opts.stage2_steps, 1e-3)
+    recipe = _recipe(where, opts, config, {"mixed": SourceConfig(shards=str(shards))}, opts.stage2_steps, 1e-3)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=str(stage1 / "final")))
     result = train(recipe)
     print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")
     return _probes(where / "final", opts, world)
+
+
+def _shards(where: Path, key: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """``where``, holding the shards ``write`` writes there for ``key``: kept from an earlier run
+    (an interrupted stage resumes on them) only when written for the same key."""
+    marker = where / "written.json"
+    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(key)):
+        return where
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    write(where)
+    marker.write_text(json.dumps(key))
+    return where
+
+
+def _drawn(opts: DemoOptions, offset: int) -> dict[str, Any]:
+    """What a stage's own tiny-world documents depend on: the world's version, seed and count."""
+    return {"version": tinyworld.VERSION, "seed": opts.seed + offset, "documents": opts.documents}
 
 
 def _probes(model_dir: Path, opts: DemoOptions, world: Path) -> dict[str, Any]:
@@ -332,7 +395,8 @@ def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> N
     for task in TASKS:
         spec, support, queries = load_task(task, world)
         for demos in opts.demos:
-            cfg = EvalConfig(shots=opts.shots, demos=demos, seed=opts.seed, batch_size=16)
+            trials = opts.trials if demos == "random" else 1
+            cfg = EvalConfig(shots=opts.shots, demos=demos, seed=opts.seed, batch_size=16, trials=trials)
             evaluate(
                 model,
                 processor,
@@ -347,29 +411,66 @@ def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> N
             )
 
 
-def _answer(model_dir: Path, world: Path, examples: Path, opts: DemoOptions) -> dict[str, Any]:
-    """Two interleaved prompts of the held-out tasks, answered by the final model: a picture to
-    name with the invented words of four demonstrations (class names ranked, as the evaluation
-    does), and a caption generated for a picture of a held-out colour+shape combination (the
-    first query of the held-out captioning task, after its first two support pictures), whose
-    pictures are written to ``examples`` with the ``interleaf generate`` command that answers
-    the same prompt."""
-
-    model, processor = _load(model_dir, opts)
-    spec, support, queries = load_task("tinyworld_classification", world)
+def _showcase(evaluation: Path, world: Path, *, shots: int = 4, classes: int = 3) -> dict[str, Any]:
+    """Answers of the held-out classification shown by a fixed rule, not chosen for being right:
+    from the evaluation's random-demonstration results at ``shots`` (or the most shots evaluated
+    below it), first trial, the first query of each of the first ``classes`` classes (queries
+    come sorted by class), printed as they came out beside the accuracy of that run."""
+    task = "tinyworld_classification"
+    found = [p for p in (evaluation / f"{task}-{demos}.json" for demos in ("random", "rices")) if p.exists()]
+    if not found:
+        return {}
+    report = json.loads(found[0].read_text())
+    runs = [r for r in report["results"] if r["trial"] == 0]
+    below = [r for r in runs if r["shots"] <= shots]
+    run_ = max(below, key=lambda r: r["shots"]) if below else min(runs, key=lambda r: r["shots"])
+    _, _, queries = load_task(task, world)
+    expected = {q.id: q.answers[0] for q in queries}
     manifest = json.loads((world / "manifest.json").read_text())["classification"]
     colour = dict(zip(manifest["classnames"], manifest["bound_to_colours"]))
-    query = queries[0]
-    same = [e for e in support if e.answers[0] == query.answers[0]][:2]
-    demos = same + [e for e in support if e.answers[0] != query.answers[0]][: 4 - len(same)]
-    random.Random(0).shuffle(demos)
-    prompt, images = Prompter(spec, processor).build(query, demos, text_only=False)
-    (scores,) = rank_candidates(model, processor, [prompt], [images], [[spec.answer_prefix + c for c in query.options]])
-    named = query.options[max(range(len(scores)), key=scores.__getitem__)]
-    shown = " ".join(f"<image: a {colour[d.answers[0]]} shape>Output: {d.answers[0]}" for d in demos)
-    print(f"\nprompt: {shown} <image: a {colour[query.answers[0]]} shape>Output:")
-    print(f"answer (class names ranked): {named!r}, expected {query.answers[0]!r}")
+    picked, seen = [], set()
+    for sample in run_["samples"]:
+        if expected[sample["id"]] not in seen and len(seen) < classes:
+            seen.add(expected[sample["id"]])
+            picked.append(sample)
+    shown_class = {True: [0, 0], False: [0, 0]}  # whether a demonstration shows the class: [right, all]
+    for sample in run_["samples"]:
+        want = expected[sample["id"]]
+        tally = shown_class[want in _classes(sample)]
+        tally[0] += sample["answer"] == want
+        tally[1] += 1
+    (right, shown), (guessed, unshown) = shown_class[True], shown_class[False]
+    print(
+        f"\nheld-out classification, {report['model']}, {run_['shots']}-shot, first trial: accuracy "
+        f"{100 * run_['score']:.1f}%; {100 * right / max(1, shown):.1f}% of the {shown} queries whose class a "
+        f"demonstration shows, {100 * guessed / max(1, unshown):.1f}% of the {unshown} others.\n"
+        f"The first query of each of the first {classes} classes, as they came out:"
+    )
+    examples = []
+    for sample in picked:
+        demos = _classes(sample)
+        want = expected[sample["id"]]
+        shown = " ".join(f"<image: {tinyworld.article(colour[d])} {colour[d]} shape>Output: {d}" for d in demos)
+        verdict = "right" if sample["answer"] == want else "wrong"
+        query = f"<image: {tinyworld.article(colour[want])} {colour[want]} shape>Output:"
+        present = (
+            f"{demos.count(want)} of the demonstrations show its colour" if want in demos else "none shows its colour"
+        )
+        print(f"  {shown} {query} -> {sample['answer']!r} (expected {want!r}, {verdict}; {present})")
+        examples.append({"demos": demos, "answer": sample["answer"], "expected": want})
+    return {"answer": examples[0]["answer"], "expected": examples[0]["expected"], "examples": examples}
 
+
+def _classes(sample: dict[str, Any]) -> list[str]:
+    """The classes of a classification sample's demonstrations (their ids are <split>/<class>/<file>)."""
+    return [d.split("/")[-2] for d in sample["demos"]]
+
+
+def _caption(model_dir: Path, world: Path, examples: Path, opts: DemoOptions) -> dict[str, Any]:
+    """A caption generated for a picture of a held-out colour+shape combination (the first query
+    of the held-out captioning task, after its first two support pictures), whose pictures are
+    written to ``examples`` with the ``interleaf generate`` command that answers the same prompt."""
+    model, processor = _load(model_dir, opts)
     spec, support, queries = load_task("tinyworld_caption", world)
     prompt, images = Prompter(spec, processor).build(queries[0], support[:2], text_only=False)
     settings = {"max_new_tokens": spec.max_new_tokens, "num_beams": spec.num_beams, "stop_strings": spec.stop_strings}
@@ -391,7 +492,7 @@ def _answer(model_dir: Path, world: Path, examples: Path, opts: DemoOptions) -> 
     print(f"\nprompt: {prompt}")
     print(f"generated caption: {caption!r}; a reference: {queries[0].answers[0]!r}")
     print("the same prompt from the command line: " + " ".join(command))
-    return {"answer": named, "expected": query.answers[0], "caption": caption, "command": " ".join(command)}
+    return {"caption": caption, "command": " ".join(command)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,11 +545,15 @@ def _drawing_stages(stages: Stages, opts: DemoOptions, lm: Path, vision: Path, s
 def _draw_stage(where: Path, opts: DemoOptions, shards: Path, lm: Path, vision: Path, stage2: Path, mmfs: bool) -> None:
     """From stage 2's weights: documents that teach drawing (a caption, then its picture; a
     picture, then "the same shape in blue.", then that picture) and interleaved ones."""
-    if not (shards / "done").exists():
-        docs = tinyworld.iter_train_documents(opts.seed + 2, opts.documents, mix=DRAW_MIX)
-        write_shards(docs, shards, max_samples=500)
-        (shards / "done").write_text("")
-    recipe = _recipe(where, opts, draw_config(lm, vision, mmfs=mmfs), {"draw": str(shards)}, opts.draw_steps, 1e-3)
+
+    def write(shards: Path) -> None:
+        write_shards(
+            tinyworld.iter_train_documents(opts.seed + 2, opts.documents, mix=DRAW_MIX), shards, max_samples=500
+        )
+
+    _shards(shards, {"mix": DRAW_MIX, **_drawn(opts, 2)}, write)
+    sources = {"draw": SourceConfig(shards=str(shards))}
+    recipe = _recipe(where, opts, draw_config(lm, vision, mmfs=mmfs), sources, opts.draw_steps, 1e-3)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=str(stage2 / "final")))
     result = train(recipe)
     print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")

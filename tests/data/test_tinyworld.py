@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -195,6 +196,43 @@ def test_single_rule_kinds_give_only_their_rule(kind):
     assert {d.meta["kind"] for d in docs} == {kind}
     if kind.endswith("_words") and kind != "icl_words":
         assert {d.meta["granularity"] for d in docs} == {kind.split("_")[1]}
+
+
+@pytest.mark.parametrize("granularity", [None, *tw.GRANULARITIES])
+def test_bursty_documents_are_long_and_only_matching_names_a_picture(granularity):
+    kind = "icl_bursty" if granularity is None else f"icl_bursty_{granularity}"
+    docs = list(tw.iter_train_documents(seed=5, n=60, mix={kind: 1.0}))
+    classes, lengths, latest_right = Counter(), Counter(), []
+    for doc in docs:
+        assert doc.meta["bursty"] and doc.meta["rule"] == "words"
+        if granularity is not None:
+            assert doc.meta["granularity"] == granularity
+        pairs = examples(doc)
+        lengths[len(pairs)] += 1
+        shown = Counter(answer for _, answer in pairs)
+        classes[len(shown)] += 1
+        assert tw.BURSTY_EXAMPLES[0] <= len(pairs) <= tw.BURSTY_EXAMPLES[1]
+        assert min(shown.values()) >= 2 and set(shown) == set(doc.meta["binding"]), doc.id
+        assert set(shown) <= set(tw.TRAIN_WORDS)
+        for scene, answer in pairs:
+            (thing,) = {(t.shape, t.colour) for t in scene.things}
+            label = {"shape": thing[0], "colour": thing[1], "object": f"{thing[1]} {thing[0]}"}[doc.meta["granularity"]]
+            assert doc.meta["binding"][answer] == label, doc.id
+        latest_right += [b == a for (_, a), (_, b) in pairwise(pairs)]
+    most = min(tw.BURSTY_CLASSES, len(tw.SHAPES) if granularity == "shape" else tw.BURSTY_CLASSES)
+    assert min(classes) == 2 and max(classes) == most, "from two to six words bound (five shapes)"
+    assert max(lengths) - min(lengths) >= 6, "lengths spread over 8-16 examples"
+    # repeating the previous word is right about as often as chance among the bound words, not
+    # usually (the shortcut a bursty document must not reward)
+    assert sum(latest_right) / len(latest_right) < 0.45
+
+
+def test_the_world_documents_are_unchanged_by_the_bursty_builder():
+    """_word_document and _bursty_document share their example writer; the world's own documents
+    (VERSION 2) must come out as before: a fixed digest of the first documents' words and scenes."""
+    docs = list(tw.iter_train_documents(seed=0, n=40, mix={"icl_words": 1.0}))
+    written = [s.text or s.image.meta["scene"] for d in docs for s in d.segments]
+    assert hashlib.sha256(json.dumps(written, sort_keys=True).encode()).hexdigest()[:16] == "654a4b9aead6c922"
 
 
 def test_word_classes_are_zipf_distributed():

@@ -83,6 +83,41 @@ def test_probing_during_pretraining_records_a_curve_and_changes_nothing(tmp_path
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
+def test_copying_comes_first_for_induction_first_steps_then_its_share(tmp_path, monkeypatch):
+    """The curriculum that formed induction heads in the demo's LM: the first ``induction_first``
+    batches are copying rows alone, the rest ``induction_share`` of them."""
+    from interleaf.data.tinyworld import iter_train_documents
+    from interleaf.train import backbones
+    from interleaf.train.backbones import LMPretraining, document_text, pretrain_lm, train_tokenizer
+
+    texts = [document_text(d) for d in iter_train_documents(seed=0, n=20)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    batches = []
+    make = backbones._lm_batch
+
+    def recording(*args):
+        ids, labels = make(*args)
+        batches.append((labels == -100).any(dim=1).tolist())  # a copying row masks its first copy
+        return ids, labels
+
+    monkeypatch.setattr(backbones, "_lm_batch", recording)
+    cfg = LMPretraining(
+        hidden=32,
+        layers=1,
+        heads=2,
+        seq_len=64,
+        batch_size=4,
+        steps=6,
+        warmup=1,
+        induction_first=2,
+        induction_share=0.5,
+    )
+    pretrain_lm(texts, tokenizer, tmp_path / "lm", cfg, progress=False)
+    assert batches == [[True] * 4] * 2 + [[False, False, True, True]] * 4
+    with pytest.raises(ValueError, match=r"induction_first must be in \[0, steps=6\]"):
+        pretrain_lm(texts, tokenizer, tmp_path / "bad", LMPretraining(**{**vars(cfg), "induction_first": 7}))
+
+
 @pytest.fixture(scope="module")
 def classification(tmp_path_factory):
     from interleaf.data import tinyworld

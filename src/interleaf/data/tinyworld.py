@@ -85,6 +85,8 @@ BEGIN_OF_IMAGE = "<|beginofimage|>"
 
 DEFAULT_MIX = {"pair": 0.25, "interleaved": 0.15, "task": 0.2, "icl": 0.35, "chat": 0.05}
 ICL_EXAMPLES = (5, 9)  # examples per in-context document: room for 8 shots and a query
+BURSTY_EXAMPLES = (8, 16)  # examples per long bursty document (icl_bursty*): 16 shots in-distribution
+BURSTY_CLASSES = 6  # at most this many words bound per bursty document
 ATTRIBUTES = ("colour", "shape", "count", "size")
 GRANULARITIES = ("shape", "colour", "object")
 FAKE_URL = "https://tinyworld.invalid"
@@ -273,14 +275,14 @@ def png_bytes(image: Image.Image) -> bytes:
 # Text: captions and questions
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
 def _phrase(group: Group, *, size: bool = True) -> str:
     """``a small red circle`` / ``two blue squares``."""
     words = ([group.size] if size else []) + [group.colour, group.shape + ("s" if group.count > 1 else "")]
-    amount = _article(words[0]) if group.count == 1 else NUMBERS[group.count]
+    amount = article(words[0]) if group.count == 1 else NUMBERS[group.count]
     return f"{amount} {' '.join(words)}"
 
 
@@ -342,10 +344,10 @@ def questions(scene: Scene) -> list[QA]:
     for shape in SHAPES:
         if shape in shapes:
             qas.append(
-                QA(f"is there {_article(shape)} {shape}?", "yes", "exists", f"yes, there is {_article(shape)} {shape}.")
+                QA(f"is there {article(shape)} {shape}?", "yes", "exists", f"yes, there is {article(shape)} {shape}.")
             )
         else:
-            qas.append(QA(f"is there {_article(shape)} {shape}?", "no", "exists", f"no, there is no {shape}."))
+            qas.append(QA(f"is there {article(shape)} {shape}?", "no", "exists", f"no, there is no {shape}."))
     shown = scene.combos()
     qas += [absent_question(combo) for combo in TRAIN_COMBOS if combo[1] in shapes and combo not in shown]
     return list({qa.question: qa for qa in qas}.values())
@@ -355,7 +357,7 @@ def absent_question(combo: tuple[str, str]) -> QA:
     """``is there a red star?`` -> ``no``, about a (colour, shape) the scene does not show."""
     colour, shape = combo
     return QA(
-        f"is there {_article(colour)} {colour} {shape}?", "no", "exists", f"no, there is no {colour} {shape}.", combo
+        f"is there {article(colour)} {colour} {shape}?", "no", "exists", f"no, there is no {colour} {shape}.", combo
     )
 
 
@@ -365,7 +367,7 @@ def _group_questions(g: Group, unique_shape: bool, unique_colour: bool, scene: S
     n_shape = sum(t.shape == g.shape for t in scene.things)
     qas = [
         QA(
-            f"is there {_article(g.colour)} {g.colour} {g.shape}?",
+            f"is there {article(g.colour)} {g.colour} {g.shape}?",
             "yes",
             "exists",
             f"yes, there {be} {_phrase(g, size=False)}.",
@@ -384,7 +386,7 @@ def _group_questions(g: Group, unique_shape: bool, unique_colour: bool, scene: S
         qas.append(QA(f"what size {be} {the}?", g.size, "size", f"{the} {be} {g.size}.", about))
     if unique_colour:
         things = f"the {g.colour} {_plural('object', g.count)}"
-        answer = f"{_article(g.shape)} {g.shape}" if g.count == 1 else f"{g.shape}s"
+        answer = f"{article(g.shape)} {g.shape}" if g.count == 1 else f"{g.shape}s"
         qas.append(QA(f"what shape {be} {things}?", g.shape, "shape", f"{things} {be} {answer}.", about))
     if g.count == 1:
         where = _where(g.positions[0])
@@ -497,9 +499,14 @@ def _word_document(rng: random.Random, size: int, n: int, granularity: str | Non
     colour+shape objects, drawn Zipf-distributed), each class shown at least twice (bursty)."""
     granularity = granularity or rng.choice(GRANULARITIES)
     k = 2 if n < 6 else rng.choice((2, 3))
-    classes = _zipf_sample(rng, _classes(granularity), k)
-    words = rng.sample(TRAIN_WORDS, k)
-    sequence = classes * 2 + [rng.choice(classes) for _ in range(n - 2 * k)]
+    return _bound_words(rng, size, granularity, _zipf_sample(rng, _classes(granularity), k), n)
+
+
+def _bound_words(rng: random.Random, size: int, granularity: str, classes: list[str], n: int) -> Built:
+    """``n`` examples naming ``classes`` with invented words fresh to this document: every class
+    twice, the rest drawn uniformly among them, in shuffled order."""
+    words = rng.sample(TRAIN_WORDS, len(classes))
+    sequence = classes * 2 + [rng.choice(classes) for _ in range(n - 2 * len(classes))]
     rng.shuffle(sequence)
     segments = []
     for label in sequence:
@@ -508,6 +515,19 @@ def _word_document(rng: random.Random, size: int, n: int, granularity: str | Non
         segments += [picture(scene, size), Segment(text=f"{OUTPUT_PROMPT} {words[classes.index(label)]}")]
     binding = {word: label for word, label in zip(words, classes)}
     return segments, {"rule": "words", "granularity": granularity, "binding": binding}
+
+
+def _bursty_document(rng: random.Random, size: int, granularity: str | None = None) -> Built:
+    """A long in-context document (Chan et al. 2022's bursty distribution): 8-16 examples binding
+    2-6 invented words, fresh for this document, to classes drawn from many; every class shown at
+    least twice and the rest drawn uniformly, so that only matching the picture to an earlier one
+    names it: neither the most frequent word nor the latest one does better than chance."""
+    granularity = granularity or rng.choice(GRANULARITIES)
+    n = rng.randint(*BURSTY_EXAMPLES)
+    pool = _classes(granularity)
+    k = rng.randint(2, min(BURSTY_CLASSES, n // 2, len(pool)))
+    segments, meta = _bound_words(rng, size, granularity, _zipf_sample(rng, pool, k, exponent=0.5), n)
+    return segments, {**meta, "bursty": True}
 
 
 def _classes(granularity: str) -> list[str]:
@@ -696,6 +716,8 @@ BUILDERS: dict[str, Callable[[random.Random, int], Built]] = {
     # one rule only, for mixtures that want more of it than "icl" gives
     "icl_words": lambda rng, size: _word_document(rng, size, rng.randint(*ICL_EXAMPLES)),
     "icl_attribute": lambda rng, size: _attribute_document(rng, size, rng.randint(*ICL_EXAMPLES)),
+    "icl_bursty": _bursty_document,
+    **{f"icl_bursty_{g}": partial(_bursty_document, granularity=g) for g in GRANULARITIES},
     **{
         f"icl_{granularity}_words": partial(
             lambda rng, size, granularity: _word_document(rng, size, rng.randint(*ICL_EXAMPLES), granularity),

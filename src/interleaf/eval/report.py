@@ -88,12 +88,7 @@ def _pct(value: float) -> str:
 
 def plot(reports: Sequence[dict[str, Any]], out: str | Path) -> Path:
     """Score against shots, one line per (model and demonstrations, task), error bars over trials."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = _figure(width=9)
     for r in reports:
         shots = sorted(int(k) for k in r["summary"])
         means = [100 * r["summary"][str(k)]["mean"] for k in shots]
@@ -104,8 +99,40 @@ def plot(reports: Sequence[dict[str, Any]], out: str | Path) -> Path:
     ax.set_xlabel("shots (in-context examples)")
     ax.set_ylabel("score (x100)")
     ax.set_xticks(sorted({int(k) for r in reports for k in r["summary"]}))
+    return _save(fig, ax, out, legend={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)})  # beside the lines
+
+
+def plot_induction(curve: Sequence[dict[str, Any]], out: str | Path, *, copying_until: int = 0) -> Path:
+    """The induction probe against training steps (``induction.json``'s curve): the loss on the
+    first and on the second copy of a repeated random sequence; induction heads forming show as
+    the second copy's loss falling abruptly (a phase change). ``copying_until``: a line where the
+    copying-only steps end (``LMPretraining.induction_first``)."""
+    fig, ax = _figure()
+    if copying_until:
+        ax.axvline(copying_until, color="grey", linestyle=":", label="copying text alone before this step")
+    steps = [point["step"] for point in curve]
+    ax.plot(steps, [point["first"] for point in curve], marker=".", label="first copy (nothing to copy)")
+    ax.plot(steps, [point["second"] for point in curve], marker=".", label="second copy (copyable)")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("loss per token (nats)")
+    ax.set_ylim(bottom=0)
+    return _save(fig, ax, out)
+
+
+def _figure(width: float = 6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, 4), dpi=120)
+
+
+def _save(fig, ax, out: str | Path, legend: dict[str, Any] | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **(legend or {}))
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,9 @@ class LMPretraining:
     # the runs' lengths, in tokens: runs of 4-24 formed no induction in 3,000 steps, 16-48 (at
     # lr 1e-3) did, abruptly between steps 750 and 1,000 (README)
     induction_run: tuple[int, int] = (16, 48)
+    # the first so many steps train on copying rows alone (a curriculum): mixed in from the start
+    # at share 0.5, they had formed no induction by step 2,000 (README)
+    induction_first: int = 0
 
 
 def _packed(ids: list[list[int]], seq_len: int, rng: random.Random) -> Iterator[list[int]]:
@@ -106,6 +109,8 @@ def pretrain_lm(
     to ``directory``; returns the per-step losses."""
     if not 0.0 <= cfg.induction_share <= 1.0:
         raise ValueError(f"induction_share must be in [0, 1], got {cfg.induction_share}")
+    if not 0 <= cfg.induction_first <= cfg.steps:
+        raise ValueError(f"induction_first must be in [0, steps={cfg.steps}], got {cfg.induction_first}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     config = lm_config(cfg.family, len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
@@ -120,9 +125,15 @@ def pretrain_lm(
             curve.append({"step": step, **lm_induction(model, vocab, seed=cfg.seed)})
 
     probe(0)
+    steps = iter(range(cfg.steps))
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        share = 1.0 if next(steps) < cfg.induction_first else cfg.induction_share
+        return _lm_batch(windows, cfg, vocab, rng, share)
+
     losses = _optimise(
         model,
-        lambda: _lm_loss(model, *_lm_batch(windows, cfg, vocab, rng)),
+        lambda: _lm_loss(model, *batch()),
         cfg.steps,
         cfg.lr,
         cfg.warmup,
@@ -138,11 +149,11 @@ def pretrain_lm(
 
 
 def _lm_batch(
-    windows: Iterator[list[int]], cfg: LMPretraining, vocab: tuple[int, int], rng: random.Random
+    windows: Iterator[list[int]], cfg: LMPretraining, vocab: tuple[int, int], rng: random.Random, share: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of (input ids, labels): windows of the texts (labels: the ids) and, with
-    ``cfg.induction_share``, that share of rows of copying text in their place."""
-    copying = round(cfg.induction_share * cfg.batch_size)
+    """One batch of (input ids, labels): windows of the texts (labels: the ids) and ``share`` of
+    the rows copying text in their place."""
+    copying = round(share * cfg.batch_size)
     rows = [next(windows) for _ in range(cfg.batch_size - copying)]
     ids, labels = [*rows], [*rows]
     for _ in range(copying):
