@@ -227,6 +227,21 @@ def test_bursty_documents_are_long_and_only_matching_names_a_picture(granularity
     assert sum(latest_right) / len(latest_right) < 0.45
 
 
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [
+        ({"icl_bursty_color": 1.0}, "unknown document kind 'icl_bursty_color'; the kinds are .*icl_bursty_colour"),
+        ({"pair": 1.0, "nope": 0.0}, "unknown document kind 'nope'"),
+        ({}, "no kind has a weight > 0"),
+        ({"pair": 0.0}, "no kind has a weight > 0"),
+        ({"pair": -1.0, "icl": 1.0}, "weight -1.0 of 'pair' is not a number >= 0"),
+    ],
+)
+def test_a_bad_mix_is_refused_when_called_naming_the_kind(mix, message):
+    with pytest.raises(ValueError, match=f"mix: {message}"):
+        tw.iter_train_documents(seed=0, n=3, mix=mix)  # before any document is drawn
+
+
 def test_the_world_documents_are_unchanged_by_the_bursty_builder():
     """_word_document and _bursty_document share their example writer; the world's own documents
     (VERSION 2) must come out as before: a fixed digest of the first documents' words and scenes."""

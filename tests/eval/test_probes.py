@@ -114,6 +114,10 @@ def test_copying_comes_first_for_induction_first_steps_then_its_share(tmp_path, 
     )
     pretrain_lm(texts, tokenizer, tmp_path / "lm", cfg, progress=False)
     assert batches == [[True] * 4] * 2 + [[False, False, True, True]] * 4
+    with pytest.raises(ValueError, match=r"induction_run must be \(shortest, longest\)"):
+        LMPretraining(induction_run=(30, 10))
+    with pytest.raises(ValueError, match="steps must be >= 1 and probe_every >= 0"):
+        LMPretraining(probe_every=-5)
     with pytest.raises(ValueError, match=r"induction_first must be in \[0, steps=6\]"):
         pretrain_lm(texts, tokenizer, tmp_path / "bad", LMPretraining(**{**vars(cfg), "induction_first": 7}))
 

@@ -735,6 +735,20 @@ def iter_train_documents(
     :data:`DEFAULT_MIX`) and stored in ``meta["kind"]`` with the kind's details (the rule of an
     ``icl`` document, the task of a ``task`` one). Document ``i`` depends only on ``seed`` and ``i``."""
     mix = DEFAULT_MIX if mix is None else mix
+    unknown = sorted(set(mix) - set(BUILDERS))
+    if unknown:
+        raise ValueError(f"mix: unknown document kind {unknown[0]!r}; the kinds are {', '.join(sorted(BUILDERS))}")
+    bad = [kind for kind, weight in mix.items() if not (isinstance(weight, int | float) and weight >= 0)]
+    if bad or not any(mix.values()):
+        raise ValueError(
+            f"mix: weight {mix[bad[0]]!r} of {bad[0]!r} is not a number >= 0"
+            if bad
+            else "mix: no kind has a weight > 0"
+        )
+    return _documents(seed, n, image_size, mix)
+
+
+def _documents(seed: int, n: int, image_size: int, mix: dict[str, float]) -> Iterator[Document]:
     kinds = sorted(mix)
     weights = [mix[kind] for kind in kinds]
     for i in range(n):

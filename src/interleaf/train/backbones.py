@@ -82,6 +82,19 @@ class LMPretraining:
     # at share 0.5, they had formed no induction by step 2,000 (README)
     induction_first: int = 0
 
+    def __post_init__(self):
+        if not 0.0 <= self.induction_share <= 1.0:  # also refuses nan
+            raise ValueError(f"induction_share must be in [0, 1], got {self.induction_share}")
+        if not 0 <= self.induction_first <= self.steps:
+            raise ValueError(f"induction_first must be in [0, steps={self.steps}], got {self.induction_first}")
+        low, high = self.induction_run
+        if not 1 <= low <= high:
+            raise ValueError(
+                f"induction_run must be (shortest, longest) with 1 <= shortest <= longest, got {self.induction_run}"
+            )
+        if self.steps < 1 or self.probe_every < 0:
+            raise ValueError(f"steps must be >= 1 and probe_every >= 0, got {self.steps} and {self.probe_every}")
+
 
 def _packed(ids: list[list[int]], seq_len: int, rng: random.Random) -> Iterator[list[int]]:
     """Endless windows of ``seq_len`` tokens over the documents concatenated in shuffled order."""
@@ -107,10 +120,6 @@ def pretrain_lm(
 ) -> list[float]:
     """Train a small causal LM on ``texts`` (each ends with EOS) and save it with ``tokenizer``
     to ``directory``; returns the per-step losses."""
-    if not 0.0 <= cfg.induction_share <= 1.0:
-        raise ValueError(f"induction_share must be in [0, 1], got {cfg.induction_share}")
-    if not 0 <= cfg.induction_first <= cfg.steps:
-        raise ValueError(f"induction_first must be in [0, steps={cfg.steps}], got {cfg.induction_first}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     config = lm_config(cfg.family, len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
