@@ -9,6 +9,30 @@ from interleaf.model.flamingo import Flamingo
 from interleaf.model.trainable import parameter_groups
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"trials": 0}, "trials, documents and eval_queries must be >= 1"),
+        ({"shots": ()}, "shots must be one or more"),
+        ({"demos": ("knn",)}, "demos must be one or both of 'random' and 'rices'"),
+        ({"scale": 0}, "scale must be a number > 0"),
+        ({"scale": float("nan")}, "scale must be a number > 0"),
+        ({"seed": "abc"}, "seed must be an integer"),
+    ],
+)
+def test_bad_options_are_refused_before_any_stage(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        DemoOptions(out=tmp_path / "demo", **options)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_out_may_be_a_string_but_not_a_file(tmp_path):
+    assert DemoOptions(out=str(tmp_path / "demo")).out == tmp_path / "demo"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="out: .*afile is a file, not a directory"):
+        DemoOptions(out=tmp_path / "afile" / "demo")
+
+
 def test_every_stage_runs_and_writes_its_output(quick_demo):
     opts, result = quick_demo
     out = opts.out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shlex
 import shutil
 import time
@@ -109,6 +110,27 @@ class DemoOptions:
     draw_documents: int = 20  # documents written from a title alone (coherence)
     device: str = "auto"  # the Flamingo stages and the evaluation: auto (a GPU when there is one), cpu, cuda, cuda:N
     dtype: str = "float32"  # bfloat16: frozen weights in bf16 and autocast in training, bf16 weights in evaluation
+
+    def __post_init__(self):
+        """Settings checked when made, before any stage runs: a bad one would otherwise stop the
+        demo minutes in, at the stage that reads it."""
+        object.__setattr__(self, "out", Path(self.out))  # a string is taken as a path
+        existing = next(p for p in (self.out, *self.out.parents) if p.exists() or p == Path(p.anchor))
+        if existing.exists() and not existing.is_dir():
+            raise ValueError(f"out: {existing} is a file, not a directory")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a number > 0, got {self.scale!r}")
+        if self.trials < 1 or self.documents < 1 or self.eval_queries < 1:
+            raise ValueError(
+                f"trials, documents and eval_queries must be >= 1, got {self.trials}, "
+                f"{self.documents}, {self.eval_queries}"
+            )
+        if not self.shots or min(self.shots) < 0:
+            raise ValueError(f"shots must be one or more shot counts >= 0, got {self.shots}")
+        if not self.demos or set(self.demos) - {"random", "rices"}:
+            raise ValueError(f"demos must be one or both of 'random' and 'rices', got {self.demos}")
 
     def scaled(self) -> DemoOptions:
         """The options with documents and steps multiplied by ``scale`` (at least a few each)."""
@@ -390,6 +412,9 @@ def _load(model_dir: Path, opts: DemoOptions) -> tuple[Flamingo, Processor]:
 
 def _evaluate(where: Path, opts: DemoOptions, model_dir: Path, world: Path) -> None:
 
+    for stale in where.glob("*.json"):  # an earlier run's results (other tasks or demos) would show as current
+        if stale.name != "stage.json":
+            stale.unlink()
     model, processor = _load(model_dir, opts)
     rices = Rices.from_model(model, processor, cache_dir=where / ".rices")
     for task in TASKS:

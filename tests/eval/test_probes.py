@@ -58,6 +58,38 @@ def test_the_probe_keeps_the_models_mode_and_refuses_bad_ranges():
         lm_induction(model, (0, VOCAB), length=1)
 
 
+def test_the_lm_probe_refuses_ids_the_model_has_no_embedding_for():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from interleaf.eval.probes import lm_induction
+
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    assert lm_induction(lm, (3, 50), n=2)["ratio"] > 0
+    with pytest.raises(ValueError, match="must be token ids of the model's 50 embeddings"):
+        lm_induction(lm, (3, 5000))  # a tokenizer of another model
+    with pytest.raises(ValueError, match="50 embeddings"):
+        lm_induction(lm, (3, 50), bos=99)
+
+
+def test_the_induction_plot_refuses_what_is_not_a_curve(tmp_path):
+    from interleaf.eval.report import plot_induction
+
+    for bad in ([], {"curve": [], "final": {}}, [{"step": 0, "second": 1.0}]):
+        with pytest.raises(ValueError, match="curve: a list of probe points"):
+            plot_induction(bad, tmp_path / "p.png")
+    points = [{"step": 0, "first": 6.0, "second": 6.0}, {"step": 10, "first": 6.0, "second": 0.5}]
+    assert plot_induction(points, tmp_path / "p.png", copying_until=5).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_probing_during_pretraining_records_a_curve_and_changes_nothing(tmp_path):
     from interleaf.data.tinyworld import iter_train_documents
     from interleaf.eval.probes import ordinary_ids

@@ -29,6 +29,15 @@ from interleaf.eval.ranking import rank_candidates
 from interleaf.eval.task import Example, TaskSpec
 
 
+def _embeddings(model) -> int | None:
+    """How many input embeddings the LM (of a Flamingo too) has; None when it does not say."""
+    for owner in (model, getattr(getattr(model, "language_model", None), "lm", None)):
+        get = getattr(owner, "get_input_embeddings", None)
+        if callable(get):
+            return get().num_embeddings
+    return None
+
+
 @torch.no_grad()
 def lm_induction(
     model, vocab: tuple[int, int], *, length: int = 32, n: int = 32, seed: int = 0, bos: int | None = None
@@ -43,6 +52,9 @@ def lm_induction(
         raise ValueError(f"vocab must be a range of token ids (low, high) with 0 <= low < high, got {vocab}")
     if length < 2 or n < 1:
         raise ValueError(f"length must be >= 2 and n >= 1, got length={length}, n={n}")
+    size = _embeddings(model)
+    if size is not None and (high > size or (bos is not None and not 0 <= bos < size)):
+        raise ValueError(f"vocab {vocab} and bos {bos} must be token ids of the model's {size} embeddings")
     generator = torch.Generator().manual_seed(seed)
     sequence = torch.randint(low, high, (n, length), generator=generator)
     ids = torch.cat([sequence, sequence], dim=1)

@@ -107,8 +107,10 @@ def plot_induction(curve: Sequence[dict[str, Any]], out: str | Path, *, copying_
     first and on the second copy of a repeated random sequence; induction heads forming show as
     the second copy's loss falling abruptly (a phase change). ``copying_until``: a line where the
     copying-only steps end (``LMPretraining.induction_first``)."""
+    if not curve or not all(isinstance(p, dict) and {"step", "first", "second"} <= set(p) for p in curve):
+        raise ValueError("curve: a list of probe points with 'step', 'first' and 'second' (induction.json's 'curve')")
     fig, ax = _figure()
-    if copying_until:
+    if copying_until > 0:
         ax.axvline(copying_until, color="grey", linestyle=":", label="copying text alone before this step")
     steps = [point["step"] for point in curve]
     ax.plot(steps, [point["first"] for point in curve], marker=".", label="first copy (nothing to copy)")
