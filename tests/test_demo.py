@@ -26,6 +26,12 @@ def test_bad_options_are_refused_before_any_stage(options, message, tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+def test_scale_shrinks_the_lm_curriculum_and_its_probe_interval_with_the_steps():
+    small = DemoOptions(scale=0.05).scaled().lm
+    assert (small.steps, small.induction_first, small.probe_every) == (90, 50, 2)
+    assert DemoOptions().scaled().lm == DemoOptions().lm  # scale 1 changes nothing
+
+
 def test_out_may_be_a_string_but_not_a_file(tmp_path):
     assert DemoOptions(out=str(tmp_path / "demo")).out == tmp_path / "demo"
     (tmp_path / "afile").write_text("")

@@ -147,6 +147,7 @@ class DemoOptions:
                 steps=s(self.lm.steps),
                 warmup=min(self.lm.warmup, s(self.lm.steps) // 4),
                 induction_first=min(s(self.lm.steps), round(self.lm.induction_first * self.scale)),
+                probe_every=max(1, round(self.lm.probe_every * self.scale)) if self.lm.probe_every else 0,
             ),
             vision=_scaled_steps(self.vision, s),
             draw_vision=_scaled_steps(self.draw_vision, s),
