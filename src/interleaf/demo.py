@@ -190,8 +190,9 @@ class Stages:
         return where
 
 
-def run(opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
+def run(opts: DemoOptions | None = None) -> dict[str, Any]:
     """Run every stage (skipping finished ones); return the reports, timings and the answer."""
+    opts = DemoOptions() if opts is None else opts
     start = time.perf_counter()
     process_device(opts.device)  # a device this machine lacks fails here, before any stage runs
     opts = opts.scaled()
