@@ -243,6 +243,13 @@ class ImageGenerationConfig:
     # class embedding, which scales and shifts every residual block): a global path for what is
     # global in a picture (its background, its colours, the size of its things)
     mmfs_pooled: bool = False
+    # the finest scale of MMFS's multi-scale read (with mmfs_attention="aligned"): each earlier
+    # image itself in the decoder's space (its pixels, or its VAE latents), folded space-to-depth
+    # into a grid of this side and read where the query is, beside the patch grid: a vision
+    # tower's 8-pixel patches keep where small things are but hardly their outline, which "the
+    # same shape in blue" must copy (MM-Interleaved's MMFS reads feature maps down to 1/8 of the
+    # image). 0: the patch grid alone
+    mmfs_pixels: int = 0
     # the Perceiver reads each token's input embedding beside the LM's last hidden state: the
     # token itself ("green"), which a small LM's last layer (tuned to predict the next token)
     # hardly keeps; False: the last hidden state alone, as MM-Interleaved reads its 7B LM
@@ -309,6 +316,11 @@ class ImageGenerationConfig:
         if self.mmfs_attention == "aligned" and self.mmfs_features != "patches":
             raise ValueError(
                 "ImageGenerationConfig: mmfs_attention='aligned' reads the patch grid: it needs mmfs_features='patches'"
+            )
+        if self.mmfs_pixels < 0 or (self.mmfs_pixels and self.mmfs_attention != "aligned"):
+            raise ValueError(
+                "ImageGenerationConfig: mmfs_pixels (the side of the earlier images' own grid, 0: off) "
+                f"needs mmfs_attention='aligned', got {self.mmfs_pixels} with {self.mmfs_attention!r}"
             )
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
             raise ValueError("ImageGenerationConfig: pixel_mean and pixel_std need one value per RGB channel")

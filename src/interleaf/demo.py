@@ -529,11 +529,11 @@ def _caption(model_dir: Path, world: Path, examples: Path, opts: DemoOptions) ->
 def draw_config(lm: Path, vision: Path, *, mmfs: bool = True) -> FlamingoConfig:
     """The demo's Flamingo with an image decoder: a pixel-space UNet at 32x32 conditioned on 8
     vectors from the LM's states and the 16 latest tokens (and, with ``mmfs``, on the earlier
-    pictures' patch grids, spatially aligned, and their mean in the pooled condition: the MMFS
-    settings that kept most of an earlier picture, see the README); the LM frozen (stage 2
+    pictures' patch grids and their own pixels folded 2 x 2, spatially aligned, and the patches'
+    mean in the pooled condition: see the README); the LM frozen (stage 2
     trained it), the new token, the resampler and the cross-attention train with it."""
     base = flamingo_config(lm, vision)
-    earlier = dict(mmfs_features="patches", mmfs_attention="aligned", mmfs_pooled=True) if mmfs else {}
+    earlier = dict(mmfs_features="patches", mmfs_attention="aligned", mmfs_pooled=True, mmfs_pixels=16) if mmfs else {}
     return dataclasses.replace(
         base,
         tokens=dataclasses.replace(base.tokens, begin_of_image=tinyworld.BEGIN_OF_IMAGE),

@@ -3,6 +3,7 @@ and that a text-only model is untouched by it."""
 
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -441,7 +442,7 @@ def test_mmfs_reads_the_resampled_latents_or_the_patch_features(drawer, features
     read = []
     gen = model.image_generator
     context = gen.context
-    gen.context = lambda states, mask, media, targets: read.append(media) or context(states, mask, media, targets)
+    gen.context = lambda states, mask, media, *rest: read.append(media) or context(states, mask, media, *rest)
     model(**batch)
     (media,) = read
     # the same module on the same inputs: the same numbers
@@ -507,3 +508,56 @@ def test_aligned_mmfs_reads_each_image_where_the_query_is(drawer, tmp_path):
     model.save_pretrained(tmp_path / "m")
     loaded = Flamingo.from_pretrained(tmp_path / "m")
     assert loaded.image_generator.unet.state_dict().keys() == gen.unet.state_dict().keys()
+
+
+def test_the_finest_mmfs_scale_reads_the_earlier_image_itself_where_the_query_is(drawer):
+    with pytest.raises(ValueError, match="mmfs_pixels .* needs mmfs_attention='aligned'"):
+        ImageGenerationConfig(mmfs_pixels=16, mmfs_features="patches")
+    with pytest.raises(ValueError, match="mmfs_pixels 5 does not divide the decoder's side 32"):
+        drawer(mmfs_attention="aligned", mmfs_features="patches", mmfs_pixels=5)
+    model, processor = drawer(mmfs_attention="aligned", mmfs_features="patches", mmfs_pixels=16)
+    gen = model.image_generator
+    procs = [m for m in gen.unet.modules() if isinstance(m, AlignedMedia)]
+    assert procs and all(p.fine == 16 * 16 for p in procs)
+    for p in procs:
+        p.gate.data.fill_(0.5)
+    # two samples: an image, then "the same shape in blue." and a drawn one (the target)
+    first = tinyworld.render(tinyworld.drawn_scene(random.Random(1)), 32)
+    items = [first, "the same shape in blue.", BOI, first]
+    batch = processor([items, items])
+    pixels = batch["pixel_values"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets = find_targets(ids, model.ids.image, model.ids.begin_of_image)
+    assert targets.image.tolist() == [1, 1]
+    with torch.no_grad():
+        latents, features = model.encode_images_and_features(ids, pixels, features=True)
+        states = model.generation_states(
+            ids, model.step(ids, history_ids=ids, attention_mask=mask, media=model.media(latents)).last_hidden_state
+        )
+        context, keep = gen.context(states, mask, features, targets, pixels)
+        tokens = model.vision.num_tokens
+        assert context.shape[1] == gen.cfg.num_conditions + gen.cfg.token_context + 2 * (tokens + 16 * 16)
+        # the target (image 1) is never read, to the last bit: only image 0's cells are kept
+        changed = pixels.clone()
+        changed[:, 1] = torch.randn_like(changed[:, 1])
+        again, keep_again = gen.context(states, mask, features, targets, changed)
+        assert torch.equal(again[keep], context[keep]) and torch.equal(keep, keep_again)
+        # the earlier image's top-left pixels changed in sample 0: the drawing's top-left moves most
+        moved = pixels.clone()
+        moved[0, 0, :, :16, :16] = 3.0
+        other, _ = gen.context(states, mask, features, targets, moved)
+        x, t = torch.randn(2, 3, 32, 32), torch.tensor([300, 300])
+        before, after = gen.denoise(x, t, context, keep), gen.denoise(x, t, other, keep)
+    change = (before[0] - after[0]).abs().mean(0)
+    assert change[:16, :16].mean() > 2 * change[16:, 16:].mean()
+    # exact: the same batch, and sample 1's pixels did not change
+    assert torch.equal(before[1], after[1])
+    with pytest.raises(ValueError, match="mmfs_pixels: the earlier images' pixels were not given"):
+        gen.context(states, mask, features, targets)
+    model.train()
+    out = model(**story_batch(processor))
+    out.loss.backward()
+    assert gen.pixel_proj.weight.grad is not None and all(p.null_key.grad is not None for p in procs)
+    model.eval()
+    (image,) = model.draw(processor, [[first, "the same shape in blue."]])
+    assert image.size == (32, 32)

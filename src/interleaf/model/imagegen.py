@@ -9,7 +9,9 @@ condition a diffusion UNet that draws the image.
   ``mmfs_features="patches"`` the vision encoder's patch grid), each image with a learned
   position embedding, and (``mmfs_pooled``) their mean joins the pooled condition: a light
   form of MM-Interleaved's multi-scale feature synchronizer (which reads multi-scale vision
-  feature maps with deformable attention).
+  feature maps with deformable attention). ``mmfs_attention="aligned"`` reads each image where
+  the UNet's query is, and ``mmfs_pixels`` adds a finest scale to that read: the earlier
+  image itself, in the decoder's own space.
 - **Decoder**: a ``diffusers`` ``UNet2DConditionModel`` over pixels or over the latents of a
   frozen ``AutoencoderKL``; DDPM noise in training, DDIM or DPM-Solver++ in sampling, with
   classifier-free guidance against a learned null condition (which replaces the condition,
@@ -133,6 +135,14 @@ class ImageGenerator(nn.Module):
                 raise ValueError(
                     f"image_generation.image_size {cfg.image_size} is not a multiple of the VAE's {self.downsample}"
                 )
+        if cfg.mmfs and cfg.mmfs_pixels:  # the finest scale: the image folded space-to-depth
+            if self.sample_size % cfg.mmfs_pixels:
+                raise ValueError(
+                    f"image_generation.mmfs_pixels {cfg.mmfs_pixels} does not divide "
+                    f"the decoder's side {self.sample_size}"
+                )
+            self.fold = self.sample_size // cfg.mmfs_pixels
+            self.pixel_proj = nn.Linear(channels * self.fold**2, cfg.condition_dim)
         u = cfg.unet
         self.unet = diffusers.UNet2DConditionModel(
             sample_size=self.sample_size,
@@ -157,7 +167,7 @@ class ImageGenerator(nn.Module):
 
             def processor(name: str):
                 if cfg.mmfs_attention == "aligned":
-                    return AlignedMedia(text, self._attention(name), media_tokens)
+                    return AlignedMedia(text, self._attention(name), media_tokens, cfg.mmfs_pixels**2)
                 return DecoupledMedia(text, self._attention(name))
 
             self.unet.set_attn_processor(
@@ -180,10 +190,17 @@ class ImageGenerator(nn.Module):
     # -- conditioning ------------------------------------------------------------------------
 
     def context(
-        self, states: Tensor, attention_mask: Tensor, media: Tensor | None, targets: Targets
+        self,
+        states: Tensor,
+        attention_mask: Tensor,
+        media: Tensor | None,
+        targets: Targets,
+        pixel_values: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The UNet's cross-attention input of each target, (n, S, C), and which of it may be
-        read, (n, S): the condition vectors, then (with ``mmfs``) the earlier images' latents."""
+        read, (n, S): the condition vectors, then (with ``mmfs``) the earlier images' features
+        (each image's, then with ``mmfs_pixels`` its own grid, read from ``pixel_values``, the
+        batch's processed images, (B, N, 3, H, W))."""
         length = states.shape[1]
         distance = targets.position[:, None] - torch.arange(length, device=states.device)  # (n, T)
         readable = (distance >= 0) & attention_mask[targets.sample].bool()
@@ -198,10 +215,25 @@ class ImageGenerator(nn.Module):
             raise ValueError(
                 f"image_generation.max_images is {self.cfg.max_images}; a sample holds {count} images before a target"
             )
-        earlier = self.media_proj(earlier) + self.media_position[:count, None]
+        earlier = self.media_proj(earlier)
+        if self.cfg.mmfs_pixels:
+            if pixel_values is None:
+                raise ValueError("image_generation.mmfs_pixels: the earlier images' pixels were not given")
+            pixels = pixel_values.to(states.device)[targets.sample][:, :count]
+            earlier = torch.cat([earlier, self.pixel_grid(pixels).to(earlier.dtype)], 2)
+        earlier = earlier + self.media_position[:count, None]
         seen = torch.arange(count, device=states.device)[None] < targets.image[:, None]  # (n, N)
         seen = seen[:, :, None].expand(-1, -1, earlier.shape[2])
         return torch.cat([cond, rearrange(earlier, "n i l c -> n (i l) c")], 1), torch.cat([keep, seen.flatten(1)], 1)
+
+    def pixel_grid(self, pixel_values: Tensor) -> Tensor:
+        """(n, N, 3, H, W) processed images -> (n, N, g * g, C): each in the decoder's space (its
+        VAE latents' mean in latent space), folded space-to-depth into ``mmfs_pixels`` squared
+        cells and projected."""
+        n, count = pixel_values.shape[:2]
+        z = self.encode(self.to_unit(pixel_values.flatten(0, 1)), sample=False)
+        z = rearrange(z, "b c (y f) (x g) -> b (y x) (c f g)", f=self.fold, g=self.fold)
+        return self.pixel_proj(z.to(self.pixel_proj.weight.dtype)).view(n, count, -1, self.cfg.condition_dim)
 
     def null_context(self, context: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         """The unconditional input: the null condition, no token, no earlier image."""
@@ -219,13 +251,15 @@ class ImageGenerator(nn.Module):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x
 
-    def encode(self, x: Tensor) -> Tensor:
-        """[-1, 1] pixels -> what the UNet denoises."""
+    def encode(self, x: Tensor, *, sample: bool = True) -> Tensor:
+        """[-1, 1] pixels -> what the UNet denoises (in latent space: a draw from the VAE's
+        posterior, or with ``sample=False`` its mean)."""
         if self.cfg.space == "pixel":
             return x
         vae = self.vae(x.device)
         with torch.no_grad():
-            return vae.encode(x.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+            posterior = vae.encode(x.to(vae.dtype)).latent_dist
+            return (posterior.sample() if sample else posterior.mode()) * vae.config.scaling_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """What the UNet denoised -> [-1, 1] pixels."""
@@ -257,7 +291,7 @@ class ImageGenerator(nn.Module):
         targets, at uniformly drawn timesteps (``noise_draws`` per target); the null condition
         replaces a draw's condition with probability ``condition_dropout``."""
         x0 = self.encode(self.to_unit(pixel_values[targets.sample, targets.image]))
-        context, keep = self.context(states, attention_mask, media, targets)
+        context, keep = self.context(states, attention_mask, media, targets, pixel_values)
         draws = self.cfg.noise_draws  # each target k times, with its own timestep and noise
         x0, context, keep = (x.repeat_interleave(draws, 0) for x in (x0, context, keep))
         drop = torch.rand(len(x0), device=x0.device) < self.cfg.condition_dropout
@@ -412,30 +446,48 @@ class AlignedMedia(DecoupledMedia):
     the query's position as reference point): each earlier image's patch grid (``tokens`` per
     image, a CLS token first when there is one beyond a square grid) is projected to values and
     resized to the UNet's feature map, so that the query at (y, x) reads the image at (y, x);
-    the query weighs the images (a softmax over those read, keys from each image's mean)."""
+    with ``fine`` cells of the image's own grid after its patches (``mmfs_pixels``), the finer
+    scale is read at (y, x) too and added. The query weighs the images, and a learned null
+    image whose value is zero (a softmax; keys from each image's mean patch), so that it can
+    read an image here and nothing there."""
 
-    def __init__(self, text: int, attention, tokens: int):
+    def __init__(self, text: int, attention, tokens: int, fine: int = 0):
         super().__init__(text, attention)
-        self.tokens = tokens
+        self.tokens, self.fine = tokens, fine
         self.grid = _grid_side(tokens)
+        self.fine_grid = math.isqrt(fine)
         self.skip = tokens - self.grid**2
+        self.null_key = nn.Parameter(torch.zeros(attention.to_q.out_features))
 
     def read(self, q: Tensor, media: Tensor, bias: Tensor, heads) -> tuple[Tensor, Tensor]:
         n, h, length, d = q.shape
         side = math.isqrt(length)
         if side * side != length:
             raise ValueError(f"mmfs_attention='aligned' needs a square UNet feature map, got {length} positions")
-        images = media.view(n, -1, self.tokens, media.shape[-1])[:, :, self.skip :]  # (n, N, g*g, C)
+        images = media.view(n, -1, self.tokens + self.fine, media.shape[-1])
+        patches = images[:, :, self.skip : self.tokens]  # (n, N, g*g, C)
         count = images.shape[1]
-        seen = bias.view(n, count, self.tokens)[..., 0] > -1  # (n, N)
-        keys = heads(self.to_k(images.mean(2)))  # (n, h, N, d)
-        values = rearrange(self.to_v(images), "n i (y x) c -> (n i) c y x", y=self.grid)
-        values = F.interpolate(values, size=(side, side), mode="bilinear", align_corners=False)
-        values = rearrange(values, "(n i) (h d) y x -> n h i (y x) d", i=count, h=h)
-        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(d)  # (n, h, L, N)
-        weights = scores.masked_fill(~seen[:, None, None], -1e4).softmax(-1)  # no image: multiplied by 0 below
+        seen = bias.view(n, count, self.tokens + self.fine)[..., 0] > -1  # (n, N)
+        keys = heads(torch.cat([self.null_key.expand(n, 1, -1), self.to_k(patches.mean(2))], 1))  # (n, h, 1 + N, d)
+        values = self.aligned(patches, self.grid, side, h)
+        if self.fine:
+            values = values + self.aligned(images[:, :, self.tokens :], self.fine_grid, side, h)
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(d)  # (n, h, L, 1 + N): the null image first
+        readable = torch.cat([seen.new_ones(n, 1), seen], 1)
+        weights = scores.masked_fill(~readable[:, None, None], -1e4).softmax(-1)[..., 1:]
         read = torch.einsum("nhli,nhild->nhld", weights, values)
         return read, seen.any(-1).view(n, 1, 1, 1)
+
+    def aligned(self, cells: Tensor, grid: int, side: int, h: int) -> Tensor:
+        """(n, N, grid * grid, C) cells -> (n, h, N, side * side, d) values, resized to the
+        UNet's map (a coarser map averages the cells it covers)."""
+        count = cells.shape[1]
+        values = rearrange(self.to_v(cells), "n i (y x) c -> (n i) c y x", y=grid)
+        if grid > side and grid % side == 0:
+            values = F.avg_pool2d(values, grid // side)
+        elif grid != side:
+            values = F.interpolate(values, size=(side, side), mode="bilinear", align_corners=False)
+        return rearrange(values, "(n i) (h d) y x -> n h i (y x) d", i=count, h=h)
 
 
 def _grid_side(tokens: int) -> int:

@@ -130,7 +130,8 @@ def draw_images(
     )
     gen = model.image_generator
     states = model.generation_states(input_ids, out.last_hidden_state)
-    context, keep = gen.context(states, mask, model.generation_media(latents, features), targets)
+    media = model.generation_media(latents, features)
+    context, keep = gen.context(states, mask, media, targets, batch["pixel_values"])
     noise = torch.Generator().manual_seed(seed)
     return to_images(gen.sample(context, keep, generator=noise, steps=inference_steps, guidance_scale=guidance_scale))
 
