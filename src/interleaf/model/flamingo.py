@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from interleaf.config import FlamingoConfig
@@ -17,7 +16,8 @@ from interleaf.model.checkpoint import load_backbones, load_flamingo, save_flami
 from interleaf.model.imagegen import ImageGenerator, find_targets
 from interleaf.model.interleaved import draw_images, generate_interleaved
 from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext
-from interleaf.model.masks import IGNORE_INDEX, cross_attention_mask, position_ids
+from interleaf.model.loss import hidden_next_token_loss, next_token_loss
+from interleaf.model.masks import cross_attention_mask, position_ids
 from interleaf.model.placement import parse_device, parse_dtype
 from interleaf.model.resampler import build_resampler
 from interleaf.model.trainable import apply_lora, apply_trainable
@@ -31,7 +31,7 @@ class FlamingoOutput:
     """``loss`` = ``text_loss`` + ``image_generation.loss_weight`` * ``image_loss`` (the
     diffusion loss of the images announced by the begin-of-image token, when the model draws)."""
 
-    logits: Tensor
+    logits: Tensor | None  # None when training asked for the loss alone (``return_logits=False``)
     loss: Tensor | None = None
     text_loss: Tensor | None = None
     image_loss: Tensor | None = None
@@ -213,20 +213,32 @@ class Flamingo(nn.Module):
         labels: Tensor | None = None,
         *,
         z_loss_weight: float = 0.0,
+        return_logits: bool = True,
     ) -> FlamingoOutput:
         """Logits over the tokenizer's vocabulary (new tokens included) and, with ``labels``
         ((B, T), -100 where ignored; see ``masks.flamingo_labels``), the next-token loss; a model
-        that draws adds the diffusion loss of every image announced by the begin-of-image token."""
+        that draws adds the diffusion loss of every image announced by the begin-of-image token.
+        With labels and ``return_logits=False`` (what training asks) there are no logits: the loss
+        comes from the hidden states a chunk of labelled positions at a time
+        (:func:`~interleaf.model.loss.hidden_next_token_loss`), never the whole (B, T, V) floats."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         gen = self.config.image_generation
         patches = labels is not None and gen is not None and gen.mmfs_features == "patches"
         latents, features = self.encode_images_and_features(input_ids, pixel_values, features=patches)
         out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=self.media(latents))
-        logits = self.language_model.logits(out.last_hidden_state)
-        if labels is None:
-            return FlamingoOutput(logits=logits)
-        text_loss = next_token_loss(logits, labels.to(logits.device), z_loss_weight)
+        hidden, lm = out.last_hidden_state, self.language_model
+        if labels is not None and not return_logits:
+            logits = None
+            labels = labels.to(hidden.device)
+            text_loss = hidden_next_token_loss(
+                lm.logits, lm.head_parameters(), hidden, labels, z_loss_weight, vocab_size=lm.vocab_size
+            )
+        else:
+            logits = lm.logits(hidden)
+            if labels is None:
+                return FlamingoOutput(logits=logits)
+            text_loss = next_token_loss(logits, labels.to(logits.device), z_loss_weight)
         earlier = self.generation_media(latents, features)
         image_loss = self.image_loss(input_ids, attention_mask, out.last_hidden_state, earlier, pixel_values)
         if image_loss is None:
@@ -319,19 +331,6 @@ class Flamingo(nn.Module):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def next_token_loss(logits: Tensor, labels: Tensor, z_loss_weight: float = 0.0) -> Tensor:
-    """Mean cross-entropy of predicting token t+1 at t, over labels != -100; optionally plus
-    ``z_loss_weight * mean(logsumexp(logits)^2)`` (the z-loss of PaLM / IDEFICS)."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    valid = target != IGNORE_INDEX
-    count = valid.sum().clamp(min=1)  # a batch with nothing to learn has loss 0, not NaN
-    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    if z_loss_weight:
-        loss = loss + z_loss_weight * torch.logsumexp(logits[valid], dim=-1).pow(2).sum()
-    return loss / count
 
 
 def _per_sample(x: Tensor, real: Tensor) -> Tensor:

@@ -161,6 +161,11 @@ class LanguageModel(nn.Module):
         extra = self.extra_embed((input_ids - self.new_token_start).clamp(min=0)).to(base.device)
         return torch.where(is_new[..., None].to(base.device), extra, base)
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The weights :meth:`logits` reads (the output head's, and the new tokens' rows)."""
+        extra = [] if self.extra_head is None else list(self.extra_head.parameters())
+        return [*self.lm.get_output_embeddings().parameters(), *extra]
+
     def logits(self, hidden: Tensor) -> Tensor:
         head = self.lm.get_output_embeddings()
         if self.extra_head is None:

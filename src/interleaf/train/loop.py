@@ -446,7 +446,10 @@ def train_step(run: Run, batches) -> tuple[float, int]:
     for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
         with parallel.gradient_sync(run.wrapped, d, micro == ocfg.accumulation - 1):
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
-                out = run.wrapped(**batch, z_loss_weight=tcfg.z_loss_weight)
+                # the loss straight from the hidden states, never the whole logits; not under
+                # DeepSpeed, whose ZeRO-3 gathers a weight only inside its own module calls
+                logits = d.kind == "deepspeed"
+                out = run.wrapped(**batch, z_loss_weight=tcfg.z_loss_weight, return_logits=logits)
             loss = out.loss
             if out.image_loss is not None:  # mean over the micro-batches that draw
                 for name in ("text_loss", "image_loss"):
