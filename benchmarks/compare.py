@@ -299,9 +299,18 @@ def alternate(fns: dict[str, Callable], repeats: int) -> tuple[dict[str, list[fl
     return seconds, results
 
 
+PROFILE_ROWS = 0  # --profile N: after the warm-up, one profiled call per side, its N costliest operators
+
+
 def warm_up(fns: dict[str, Callable]) -> dict:
-    """One untimed call of each function; its result (what the agreement checks compare)."""
-    return {name: fn() for name, fn in fns.items()}
+    """One untimed call of each function; its result (what the agreement checks compare). With
+    ``--profile``, then one call of each under ``torch.profiler``: where its time goes."""
+    results = {name: fn() for name, fn in fns.items()}
+    for name, fn in fns.items() if PROFILE_ROWS else ():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\nprofile: {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
+    return results
 
 
 def medians(seconds: dict[str, list[float]]) -> dict[str, float]:
@@ -1001,7 +1010,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compare.json")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # every workload shrunk: a correctness run
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print each side's N costliest operators")
     args = ap.parse_args()
+    global PROFILE_ROWS
+    PROFILE_ROWS = args.profile
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = TINY if args.tiny else FULL

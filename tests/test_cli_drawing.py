@@ -69,11 +69,15 @@ def test_annt_documents_are_continued_and_written(drawing_model, tmp_path, capsy
     )
     # the same command again: the same documents (seeded); not into a folder already written
     assert main([*args, "--max-new-tokens", "4"]) == 2
-    assert "is a file or a folder that is not empty" in capsys.readouterr().err
+    assert "is a folder that is not empty" in capsys.readouterr().err
     again = out.parent / "again"
     assert main([*args[:-1], str(again), "--max-new-tokens", "4"]) == 0
     assert f"wrote {len(list((again / 'images').glob('*.png')))} images" in capsys.readouterr().out
     assert json.loads((again / "annt.json").read_text()) == records  # image paths are relative
+    # each record keeps the settings it was written with, so the file can be given to --input again
+    assert [(r["generate_mode"], r["num_iter"]) for r in records] == [("generate_texts", 1), ("generate_images", 2)]
+    names = [image.split("/")[-1] for image in second["images"]]
+    assert [name.rsplit("-", 1)[1] for name in names] == [f"{k}.png" for k in range(len(names))]  # its k-th image
 
 
 def test_a_prompt_with_images(drawing_model, tmp_path, capsys):
@@ -134,19 +138,36 @@ def test_plain_generate_still_needs_a_prompt(drawing_model, capsys):
     assert "--out: only with --interleaved" in capsys.readouterr().err
 
 
-def test_interleaved_options_are_checked_before_the_model_loads(drawing_model, tmp_path, capsys):
+def test_interleaved_options_are_checked_before_the_model_loads(drawing_model, tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(Flamingo, "from_pretrained", no_loading)
     afile = tmp_path / "afile"
     afile.write_text("")
-    base = ["generate", "--interleaved", "--model", str(drawing_model), "--prompt", "a red star."]
+    source = annt(
+        tmp_path,
+        [
+            {"id": "d0", "sentences": ["x"], "images": [], "sentence_ixs": [], "image_first": []},
+            {"id": "d1", "sentences": ["a", "b <image> c"], "images": [], "sentence_ixs": [], "image_first": []},
+        ],
+    )
+    base = ["generate", "--interleaved", "--model", str(drawing_model)]
+    new = ["--out", str(tmp_path / "new")]
     for extra, message in [
-        (["--out", str(afile)], "is a file or a folder that is not empty"),
-        (
-            ["--out", str(tmp_path / "new"), "--num-beams", "3", "--stream"],
-            "--num-beams, --stream do not apply",
-        ),
+        (["--prompt", "a red star.", "--out", str(afile)], f"--out: {afile} is a file, not a directory"),
+        (["--prompt", "a red star.", "--out", str(afile / "sub")], f"--out: {afile} is a file, not a directory"),
+        (["--prompt", "a red star.", *new, "--num-beams", "3", "--stream"], "--num-beams, --stream do not apply"),
+        (["--prompt", "  ", *new], "--prompt is empty"),
+        (["--prompt", "a<|beginofimage|>", *new], "prompt, item 0: the text contains the token '<|beginofimage|>'"),
+        (["--input", str(source), *new], "d1, item 0: the text contains the token '<image>'"),
+        (["--prompt", "x", *new, "--seed", str(2**64)], "argument --seed: must be in [0, 2**62)"),
+        (["--prompt", "x", *new, "--seed", "-1"], "argument --seed: must be in [0, 2**62)"),
     ]:
         assert main([*base, *extra]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "new").exists()
     plain = ["generate", "--model", str(drawing_model), "--prompt", "a red star."]
     assert main([*plain, "--mode", "generate_images", "--num-iter", "2"]) == 2
     assert "--mode, --num-iter: only with --interleaved" in capsys.readouterr().err

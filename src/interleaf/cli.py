@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from interleaf.extras import MissingExtra
+from interleaf.paths import check_out_dir
 
 
 class Parser(argparse.ArgumentParser):
@@ -158,6 +159,7 @@ def generate_interleaved(
     those of an ``annt.json`` file (``source``; a document's own ``generate_mode`` and
     ``num_iter`` win over ``mode`` and ``num_iter``), or one prompt whose ``<image>``
     placeholders take ``images``. Writes PNGs, ``annt.json`` and ``index.html`` under ``out``."""
+    from interleaf.config import FlamingoConfig
     from interleaf.data.formats import read
     from interleaf.data.pages import write_interleaved
     from interleaf.data.schema import DataError, SkipCounter
@@ -196,12 +198,16 @@ def generate_interleaved(
         items = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
             items += [image, piece]
-        jobs.append(("prompt", [i for i in items if i != ""], mode, num_iter))
+        jobs.append(("prompt", [i for i in items if not (isinstance(i, str) and not i.strip())], mode, num_iter))
+        if not jobs[0][1]:
+            raise ValueError("--prompt is empty: give text (and <image> placeholders for --image files)")
+    config_file = Path(model_dir) / "config.json"
+    if config_file.is_file():  # the documents checked before the weights load
+        _check_interleaved_jobs(jobs, FlamingoConfig.from_json(config_file), model_dir)
     model = Flamingo.from_pretrained(model_dir, device=device, dtype=dtype)
-    if model.image_generator is None:
-        raise ValueError(f"{model_dir}: this model does not draw (its config has no image_generation)")
+    _check_interleaved_jobs(jobs, model.config, model_dir)
     processor = Processor.from_pretrained(model_dir)
-    written = []
+    written, settings = [], []
     for doc_id, items, doc_mode, doc_iter in jobs:
         parts = model.generate_interleaved(
             processor,
@@ -217,10 +223,26 @@ def generate_interleaved(
             inference_steps=inference_steps,
         )
         written.append((doc_id, parts))
+        settings.append({"generate_mode": doc_mode, "num_iter": doc_iter})
         text = " ".join(p.get("text", "<image>") for p in parts if p.get("generated"))
         print(f"{doc_id}, written by the model: {text}")
-    paths = write_interleaved(written, out)
+    paths = write_interleaved(written, out, settings)
     print(f"wrote {len(paths['images'])} images under {out / 'images'}, {paths['json']} and {paths['html']}")
+
+
+def _check_interleaved_jobs(jobs: list, config, model_dir: str) -> None:
+    """Refuse, naming the document and item, text that writes a token the model reads as an
+    image (its image token, or its begin-of-image token): in an annt.json sentence an image is
+    its own item, and where a drawing starts is the model's to say."""
+    if config.image_generation is None:
+        raise ValueError(f"{model_dir}: this model does not draw (its config has no image_generation)")
+    for doc_id, items, _, _ in jobs:
+        for i, item in enumerate(items):
+            for token in (config.tokens.image, config.tokens.begin_of_image):
+                if isinstance(item, str) and token in item:
+                    raise ValueError(
+                        f"{doc_id}, item {i}: the text contains the token {token!r}; an image is an item of its own"
+                    )
 
 
 def chat(model_dir: str, *, max_new_tokens: int, temperature: float, seed: int | None, device: str, dtype) -> None:
@@ -545,7 +567,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=positive_float, default=1.0)
     g.add_argument("--top-p", type=top_p_fraction, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--seed",
+        type=_checked(int, lambda v: 0 <= v < 2**62, "in [0, 2**62)"),
+        help="seed of the sampling (and, with --interleaved, of the drawings' noise; default 0)",
+    )
     g.add_argument("--stop", action="append", default=[], help="end the text before this string (repeat for several)")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
     g.add_argument(
@@ -751,8 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "generate" and args.interleaved:
             if args.out is None:
                 raise ValueError("--interleaved needs --out DIR (where the documents are written)")
-            if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-                raise ValueError(f"--out {args.out} is a file or a folder that is not empty; give a new folder")
+            if check_out_dir(args.out, "--out").exists() and any(args.out.iterdir()):
+                raise ValueError(f"--out {args.out} is a folder that is not empty; give a new folder")
             unused = [
                 f"--{n}"
                 for n, v in (("num-beams", args.num_beams != 1), ("stop", args.stop), ("stream", args.stream))
@@ -774,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                 do_sample=args.sample,
                 temperature=args.temperature,
                 top_p=args.top_p,
-                seed=args.seed or 0,
+                seed=0 if args.seed is None else args.seed,
                 guidance_scale=args.guidance_scale,
                 inference_steps=args.inference_steps,
                 device=args.device,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,18 +20,44 @@ Activation = Literal["gelu", "relu", "silu", "gelu_tanh"]
 Norm = Literal["layernorm", "rmsnorm"]
 
 
+def _scalar_error(value: Any, tp: Any) -> str | None:
+    """Why ``value`` is not a ``tp`` (int, float, str, bool or a tuple of one), or None: a
+    config built in Python is checked as strictly as one read from JSON (a bool is no int, an
+    int is a float, a float must be finite)."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (tuple, list)):
+            return f"expected a tuple, got {value!r}"
+        for i, item in enumerate(value):
+            if (why := _scalar_error(item, args[0])) is not None:
+                return f"[{i}]: {why}"
+        return None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {value!r}"
+        return None if math.isfinite(value) else f"expected a finite number, got {value!r}"
+    if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        return f"expected {tp.__name__}, got {value!r}"
+    return None
+
+
 def _validate(cfg: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
-    """Check a config's Literal fields and numeric ranges on construction, naming the field."""
+    """Check a config's field types, Literal fields and numeric ranges on construction, naming
+    the field."""
     hints = typing.get_type_hints(type(cfg))
     name = type(cfg).__name__
     for f in dataclasses.fields(cfg):
         value, tp = getattr(cfg, f.name), hints[f.name]
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        literals = typing.get_args(options[0]) if options and typing.get_origin(options[0]) is Literal else ()
-        if typing.get_origin(tp) is Literal:
-            literals = typing.get_args(tp)
-        if literals and value is not None and value not in literals:
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(options) == 1:
+            if value is None:
+                continue
+            tp = options[0]
+        literals = typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+        if literals and value not in literals:
             raise ValueError(f"{name}.{f.name}: expected one of {list(literals)}, got {value!r}")
+        if (why := _scalar_error(value, tp)) is not None:
+            raise ValueError(f"{name}.{f.name}: {why}")
     for field_name in positive:
         if getattr(cfg, field_name) < 1:
             raise ValueError(f"{name}.{field_name} must be >= 1, got {getattr(cfg, field_name)}")
@@ -200,6 +227,19 @@ class UNetConfig:
             raise ValueError(
                 "UNetConfig: block_out_channels, down_block_types and up_block_types need one entry per level"
             )
+        for key, known in (
+            ("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D")),
+            ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D")),
+        ):
+            for i, block in enumerate(getattr(self, key)):
+                if block not in known:
+                    raise ValueError(f"UNetConfig.{key}[{i}]: expected one of {list(known)}, got {block!r}")
+        for i, channels in enumerate(self.block_out_channels):
+            if channels < 1 or channels % self.norm_num_groups:
+                raise ValueError(
+                    f"UNetConfig.block_out_channels[{i}] = {channels}: each level's channels must be a positive "
+                    f"multiple of norm_num_groups ({self.norm_num_groups}), which its group norms split them into"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,6 +337,7 @@ class ImageGenerationConfig:
                 "max_distance",
                 "noise_draws",
             ),
+            ("loss_weight", "guidance_scale", "snr_gamma", "mmfs_pixels"),
         )
         if not 0 <= self.token_context <= self.max_distance:
             raise ValueError(
@@ -305,19 +346,33 @@ class ImageGenerationConfig:
             )
         if self.train_timesteps < 2:
             raise ValueError(f"ImageGenerationConfig.train_timesteps must be >= 2, got {self.train_timesteps}")
+        if self.inference_steps > self.train_timesteps:
+            raise ValueError(
+                f"ImageGenerationConfig.inference_steps ({self.inference_steps}) must be at most "
+                f"train_timesteps ({self.train_timesteps}): a sampler takes its steps among the training timesteps"
+            )
         if not 0 <= self.condition_dropout < 1:
             raise ValueError(f"ImageGenerationConfig.condition_dropout must be in [0, 1), got {self.condition_dropout}")
-        if self.loss_weight < 0 or self.guidance_scale < 0 or self.snr_gamma < 0:
-            raise ValueError("ImageGenerationConfig: loss_weight, guidance_scale and snr_gamma must be >= 0")
         if self.space == "latent" and not self.vae:
             raise ValueError(
                 "ImageGenerationConfig: space='latent' needs vae (a hub id or directory of an AutoencoderKL)"
             )
+        if not self.mmfs:
+            changed = [
+                f"{k}={getattr(self, k)!r}"
+                for k in ("mmfs_attention", "mmfs_features", "mmfs_pooled", "mmfs_pixels")
+                if getattr(self, k) != getattr(ImageGenerationConfig, k)
+            ]
+            if changed:
+                raise ValueError(
+                    f"ImageGenerationConfig: {', '.join(changed)} set with mmfs=False, which reads no earlier "
+                    "image: set mmfs=True, or leave them at their defaults"
+                )
         if self.mmfs_attention == "aligned" and self.mmfs_features != "patches":
             raise ValueError(
                 "ImageGenerationConfig: mmfs_attention='aligned' reads the patch grid: it needs mmfs_features='patches'"
             )
-        if self.mmfs_pixels < 0 or (self.mmfs_pixels and self.mmfs_attention != "aligned"):
+        if self.mmfs_pixels and self.mmfs_attention != "aligned":
             raise ValueError(
                 "ImageGenerationConfig: mmfs_pixels (the side of the earlier images' own grid, 0: off) "
                 f"needs mmfs_attention='aligned', got {self.mmfs_pixels} with {self.mmfs_attention!r}"

@@ -55,6 +55,7 @@ from interleaf.eval.rices import Rices
 from interleaf.eval.tasks import load_task
 from interleaf.model.flamingo import Flamingo
 from interleaf.model.placement import process_device
+from interleaf.paths import check_out_dir
 from interleaf.processing import Processor
 from interleaf.train.backbones import (
     LMPretraining,
@@ -114,10 +115,7 @@ class DemoOptions:
     def __post_init__(self):
         """Settings checked when made, before any stage runs: a bad one would otherwise stop the
         demo minutes in, at the stage that reads it."""
-        object.__setattr__(self, "out", Path(self.out))  # a string is taken as a path
-        existing = next(p for p in (self.out, *self.out.parents) if p.exists() or p == Path(p.anchor))
-        if existing.exists() and not existing.is_dir():
-            raise ValueError(f"out: {existing} is a file, not a directory")
+        object.__setattr__(self, "out", check_out_dir(self.out))  # a string is taken as a path
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale > 0):
@@ -565,6 +563,9 @@ def _drawing_stages(stages: Stages, opts: DemoOptions, lm: Path, vision: Path, s
     print("\ndrawing, read by an attribute classifier (% of pictures with the attribute asked for)\n")
     print((evaluation / "table.md").read_text())
     print(f"\npictures: {evaluation / 'drawings.png'} (without MMFS: drawings-nommfs.png)")
+    print(
+        f"the table again (each finished stage is reused): interleaf demo --generate --out {shlex.quote(str(opts.out))}"
+    )
     print(f"written documents: {evaluation / 'documents' / 'index.html'}")
     return result
 
@@ -579,11 +580,16 @@ def _draw_stage(where: Path, opts: DemoOptions, shards: Path, lm: Path, vision: 
         )
 
     _shards(shards, {"mix": DRAW_MIX, **_drawn(opts, 2)}, write)
-    sources = {"draw": SourceConfig(shards=str(shards))}
-    recipe = _recipe(where, opts, draw_config(lm, vision, mmfs=mmfs), sources, opts.draw_steps, 1e-3)
-    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=str(stage2 / "final")))
-    result = train(recipe)
+    result = train(draw_recipe(where, opts, draw_config(lm, vision, mmfs=mmfs), shards, stage2))
     print(f"  loss {result['losses'].get(1, float('nan')):.2f} -> {_tail(list(result['losses'].values())):.2f}")
+
+
+def draw_recipe(where: Path, opts: DemoOptions, config: FlamingoConfig, shards: Path, stage2: Path) -> Recipe:
+    """The demo's stage 3 (``opts.draw_steps`` steps at lr 1e-3 on the drawing documents in
+    ``shards``, from stage 2's final weights) for a model ``config``, written under ``where``."""
+    sources = {"draw": SourceConfig(shards=str(shards))}
+    recipe = _recipe(where, opts, config, sources, opts.draw_steps, 1e-3)
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=str(stage2 / "final")))
 
 
 def _classifier(where: Path, opts: DemoOptions) -> None:

@@ -488,3 +488,23 @@ def test_clip_score_load_errors(tiny_clip, tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     assert_load_error("openai/clip-vit-base-patch32", "OSError: We couldn't connect")
+
+
+def test_the_drawing_table_explains_its_columns():
+    from interleaf.eval.drawing import table
+
+    rates = {"colour": 0.9, "shape": 0.5}
+    prompts = {
+        "chance": {"colour": 1 / 6, "shape": 0.2},
+        "classifier_accuracy_on_real": {"colour": 1.0, "shape": 1.0},
+        "accuracy": rates,
+        "frechet_generated_vs_real": 80.0,
+        "frechet_real_vs_real": 50.0,
+    }
+    scores = {"prompts": prompts, "held_out_combinations": rates, "same_shape": {"colour": 1.0}}
+    coherent = {"agreement": {"colour": 1.0}, "counts": {"colour": 7}, "pictures": 9}
+    text = table(scores, coherent)
+    assert "| colour | 16.7 | 100.0 | 90.0 | 90.0 | 100.0 | 100.0 (7) |" in text
+    assert "| shape | 20.0 | 100.0 | 50.0 | 50.0 | - | - |" in text  # no caption named a shape
+    assert "drew 9 pictures" in text and "how many captions named it" in text
+    assert "own caption" not in table(scores) and "drawn vs real 80.00, real vs real 50.00" in table(scores)

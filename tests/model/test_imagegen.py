@@ -5,12 +5,13 @@ import dataclasses
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from interleaf import Flamingo, Processor
-from interleaf.config import FlamingoConfig, ImageGenerationConfig
+from interleaf.config import FlamingoConfig, ImageGenerationConfig, UNetConfig
 from interleaf.data import tinyworld
 from interleaf.data.collate import CollateConfig, Collator
 from interleaf.model.imagegen import AlignedMedia, DecoupledMedia, Targets, find_targets
@@ -220,8 +221,9 @@ def test_generate_interleaved_rejects_bad_requests(drawer, make_model):
     model, processor = drawer()
     with pytest.raises(ValueError, match="mode must be one of"):
         model.generate_interleaved(processor, ["x"], mode="draw")
-    with pytest.raises(ValueError, match="num_iter must be >= 1"):
-        model.generate_interleaved(processor, ["x"], num_iter=0)
+    for num_iter in (0, "3", 1.5, True):
+        with pytest.raises(ValueError, match=r"num_iter must be an integer >= 1, got"):
+            model.generate_interleaved(processor, ["x"], num_iter=num_iter)
     with pytest.raises(ValueError, match="prompt is empty"):
         model.generate_interleaved(processor, [])
     with pytest.raises(ValueError, match="expected an interleaved list"):
@@ -382,13 +384,82 @@ def test_draw_rejects_bad_requests(drawer):
         ([], {}, "no prompt"),
         ([[]], {}, "prompt 0 is empty"),
         (["a red circle."], {}, "prompt 0 is a string"),
-        ([["a red circle."]], {"guidance_scale": -2.0}, "guidance_scale must be >= 0"),
-        ([["a red circle."]], {"inference_steps": 0}, "inference_steps must be an integer >= 1"),
+        ([["a red circle."]], {"guidance_scale": -2.0}, "guidance_scale must be a finite number >= 0"),
+        ([["a red circle."]], {"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0"),
+        ([["a red circle."]], {"guidance_scale": "3"}, "guidance_scale must be a finite number >= 0"),
+        ([["a red circle."]], {"inference_steps": 0}, r"inference_steps must be an integer in \[1, 1000\]"),
+        ([["a red circle."]], {"inference_steps": 2000}, r"inference_steps must be an integer in \[1, 1000\]"),
+        ([["a red circle."]], {"seed": None}, r"seed must be an integer in \[0, 2\*\*63\), got None"),
+        ([["a red circle."]], {"seed": "1"}, "seed must be an integer"),
+        ([["a red circle."]], {"seed": 1.5}, "seed must be an integer"),
+        ([["a red circle."]], {"seed": -1}, "seed must be an integer"),
+        ([["a red circle."]], {"seed": 2**64}, "seed must be an integer"),
+        ([["a red", "circle."]] * 2, {"seed": 2**63 - 1}, r"below 2\*\*63 - len\(prompts\)"),
+        ([["a red circle.", f"two {BOI}"]], {}, "prompt 0, item 1: the text contains the begin-of-image token"),
     ]:
         with pytest.raises(ValueError, match=message):
             model.draw(processor, prompts, **kwargs)
-    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
-        model.generate_interleaved(processor, ["a page."], guidance_scale=-1.0)
+    for kwargs in ({"guidance_scale": float("nan")}, {"seed": "0"}):
+        with pytest.raises(ValueError, match="must be"):
+            model.generate_interleaved(processor, ["a page."], **kwargs)
+    with pytest.raises(ValueError, match="prompt, item 0: the text contains the begin-of-image token"):
+        model.generate_interleaved(processor, [f"a page.{BOI}"])
+
+
+def test_drawing_refuses_a_processor_that_cannot_announce_an_image(drawer, make_model):
+    model, _ = drawer()
+    with pytest.raises(ValueError, match="processor: expected an interleaf Processor, got NoneType"):
+        model.draw(None, [["a red circle."]])
+    text_only = make_model()  # a tokenizer without <|beginofimage|>
+    plain = Processor(text_only.tokenizer, text_only.image_processor)
+    for call in (lambda: model.draw(plain, [["a red circle."]]), lambda: model.generate_interleaved(plain, ["x"])):
+        with pytest.raises(ValueError, match=r"processor: its tokenizer gives the begin-of-image token .* id None"):
+            call()
+
+
+def test_a_prompt_draws_the_same_picture_wherever_it_stands_in_a_batch(drawer):
+    """Prompt i draws from the noise of seed + i: alone, with that seed, it draws the same picture.
+    Equal up to rounding: the batch pads and multiplies rows together (measured here: identical or
+    off by one level of 255); a different seed changes it by far more."""
+    model, processor = drawer()
+    prompts = [["here we have a red circle on a grey background."], ["a blue star."], ["two small green squares."]]
+    batched = [np.asarray(im, dtype=np.int16) for im in model.draw(processor, prompts, seed=5)]
+    for i, prompt in enumerate(prompts):
+        (alone,) = model.draw(processor, [prompt], seed=5 + i)
+        (other,) = model.draw(processor, [prompt], seed=50 + i)
+        assert np.abs(batched[i] - np.asarray(alone, dtype=np.int16)).max() <= 2, i
+        assert np.abs(batched[i] - np.asarray(other, dtype=np.int16)).mean() > 10, i
+
+
+def test_configs_built_in_python_are_checked_as_strictly_as_from_json():
+    for kwargs, message in [
+        ({"mmfs_pixels": 1.5}, r"ImageGenerationConfig.mmfs_pixels: expected int, got 1.5"),
+        ({"mmfs_pixels": "16"}, r"ImageGenerationConfig.mmfs_pixels: expected int, got '16'"),
+        ({"mmfs": "yes"}, r"ImageGenerationConfig.mmfs: expected bool, got 'yes'"),
+        ({"num_conditions": True}, r"ImageGenerationConfig.num_conditions: expected int, got True"),
+        ({"guidance_scale": float("nan")}, r"ImageGenerationConfig.guidance_scale: expected a finite number"),
+        ({"pixel_mean": (0.5, "x", 0.5)}, r"ImageGenerationConfig.pixel_mean: \[1\]: expected a number"),
+        ({"mmfs_pixels": -1}, r"^ImageGenerationConfig.mmfs_pixels must be >= 0, got -1$"),
+        ({"loss_weight": -1.0}, r"^ImageGenerationConfig.loss_weight must be >= 0, got -1.0$"),
+        ({"snr_gamma": -1}, r"^ImageGenerationConfig.snr_gamma must be >= 0"),
+        ({"inference_steps": 1001}, r"inference_steps \(1001\) must be at most train_timesteps \(1000\)"),
+        ({"mmfs": False, "mmfs_pixels": 4}, r"mmfs_pixels=4 set with mmfs=False"),
+        ({"mmfs": False, "mmfs_features": "patches"}, r"mmfs_features='patches' set with mmfs=False"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ImageGenerationConfig(**kwargs)
+    assert ImageGenerationConfig(guidance_scale=3, inference_steps=1000).guidance_scale == 3  # an int is a number
+    for kwargs, message in [
+        (
+            {"down_block_types": ("DownBlock2D", "Down", "DownBlock2D")},
+            r"UNetConfig.down_block_types\[1\]: expected one of \['DownBlock2D', 'CrossAttnDownBlock2D'\], got 'Down'",
+        ),
+        ({"up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")}, r"UNetConfig.up_block_types\[1\]"),
+        ({"norm_num_groups": 6}, r"UNetConfig.block_out_channels\[0\] = 16: .* multiple of norm_num_groups \(6\)"),
+        ({"block_out_channels": (16, 0, 64)}, r"UNetConfig.block_out_channels\[1\] = 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            UNetConfig(**kwargs)
 
 
 def test_decoupled_mmfs_reads_the_images_through_a_gate_of_their_own(drawer, tmp_path):

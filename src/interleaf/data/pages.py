@@ -36,20 +36,29 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "document"
 
 
-def write_interleaved(documents: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: str | Path) -> dict[str, Any]:
-    """Write ``(id, parts)`` documents under ``out``: ``images/<id>-<k>.png``, ``annt.json`` and
-    ``index.html``. Returns the paths written. The JSON keeps MM-Interleaved's fields
-    (``sentences``, ``images``, ``sentence_ixs``, ``image_first``) with ``id`` and, per
-    sentence and image, whether it was ``generated``."""
+def write_interleaved(
+    documents: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    out: str | Path,
+    meta: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Write ``(id, parts)`` documents under ``out``: ``images/<id>-<k>.png`` (the document's
+    k-th image; an id met before gets ``_`` appended in file names, the JSON keeps it as given),
+    ``annt.json`` and ``index.html``. Returns the paths written. The JSON keeps MM-Interleaved's
+    fields (``sentences``, ``images``, ``sentence_ixs``, ``image_first``) with ``id`` and, per
+    sentence and image, whether it was ``generated``; ``meta``, one dict per document, adds its
+    keys to the document's record (e.g. the ``generate_mode`` and ``num_iter`` it was written
+    with)."""
     out = Path(out)
+    if meta is not None and len(meta) != len(documents):
+        raise ValueError(f"write_interleaved: {len(meta)} meta dicts for {len(documents)} documents")
     (out / "images").mkdir(parents=True, exist_ok=True)
     records, articles, seen, written = [], [], set(), []
-    for doc_id, parts in documents:
+    for i, (doc_id, parts) in enumerate(documents):
         name = _safe(doc_id)
         while name in seen:
             name += "_"
         seen.add(name)
-        records.append(_record(doc_id, name, parts, out))
+        records.append({**_record(doc_id, name, parts, out), **(meta[i] if meta is not None else {})})
         written += [out / file for file in records[-1]["images"]]
         articles.append(_article(doc_id, records[-1]))
     (out / DOCUMENTS).write_text(json.dumps(records, indent=1) + "\n")
@@ -76,7 +85,7 @@ def _record(doc_id: str, name: str, parts: Sequence[dict[str, Any]], out: Path) 
             sentences.append(part["text"])
             sentence_generated.append(bool(part.get("generated")))
         elif "image" in part:
-            file = f"images/{name}-{k}.png"
+            file = f"images/{name}-{len(images) + len(pending)}.png"
             part["image"].save(out / file)
             pending.append((file, bool(part.get("generated"))))
         else:

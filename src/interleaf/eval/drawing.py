@@ -158,12 +158,21 @@ def table(scores: dict[str, Any], coherent: dict[str, Any] | None = None) -> str
         ("drawn: same shape", scores["same_shape"]),
     ]
     if coherent is not None:
-        columns.append(("own caption vs own picture", coherent["agreement"]))
+        columns.append(("own caption vs own picture (captions)", coherent["agreement"]))
     lines = ["| attribute | " + " | ".join(name for name, _ in columns) + " |"]
     lines.append("|---" * (len(columns) + 1) + "|")
     for attribute in prompts["accuracy"]:
         cells = [f"{100 * c[attribute]:.1f}" if attribute in c else "-" for _, c in columns]
+        if coherent is not None and attribute in coherent["counts"]:
+            cells[-1] += f" ({coherent['counts'][attribute]})"
         lines.append(f"| {attribute} | " + " | ".join(cells) + " |")
     fd = f"Fréchet distance (classifier features): drawn vs real {prompts['frechet_generated_vs_real']:.2f}, "
     fd += f"real vs real {prompts['frechet_real_vs_real']:.2f}"
+    if coherent is not None:
+        fd += (
+            f"\n\nown caption vs own picture: the model wrote documents from a title and drew "
+            f"{coherent['pictures']} pictures; for each attribute its caption before a picture named, % of those "
+            "captions whose value the classifier reads in the picture (in brackets: how many captions named "
+            "it; -: none did)"
+        )
     return "\n".join(lines) + "\n\n" + fd

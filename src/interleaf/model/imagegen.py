@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,18 +357,26 @@ class ImageGenerator(nn.Module):
         context: Tensor,
         keep: Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
     ) -> Tensor:
-        """Draw one image per row of ``context``: (n, 3, H, W) pixels in [-1, 1]."""
+        """Draw one image per row of ``context``: (n, 3, H, W) pixels in [-1, 1]. The starting
+        noise comes from ``generator`` (CPU), or from one generator per row: a row's image then
+        does not depend on the rows beside it."""
         cfg = self.cfg
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
         sampler = self.sampler()
         sampler.set_timesteps(steps or cfg.inference_steps, device=context.device)
         n = context.shape[0]
-        shape = (n, self.unet.config.in_channels, self.sample_size, self.sample_size)
-        z = torch.randn(shape, generator=generator, device="cpu").to(context.device)
+        shape = (self.unet.config.in_channels, self.sample_size, self.sample_size)
+        if isinstance(generator, Sequence):
+            if len(generator) != n:
+                raise ValueError(f"sample: {len(generator)} generators for {n} rows")
+            z = torch.stack([torch.randn(shape, generator=g, device="cpu") for g in generator])
+        else:
+            z = torch.randn((n, *shape), generator=generator, device="cpu")
+        z = z.to(context.device)
         z = z * sampler.init_noise_sigma
         if guidance != 1:  # the unconditional rows after the conditional ones, one UNet call
             null, null_keep = self.null_context(context, keep)

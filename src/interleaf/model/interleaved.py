@@ -10,6 +10,7 @@ it); ``num_iter`` rounds, fewer if the model ends the document (EOS).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from interleaf.model.imagegen import Targets, to_images
-from interleaf.processing import interleaved_items
+from interleaf.processing import Processor, interleaved_items
 
 Mode = Literal["generate_texts", "generate_images"]
 MODES = ("generate_texts", "generate_images")
@@ -43,16 +44,17 @@ def generate_interleaved(
     ``do_sample``, and always the images' noise) is seeded by ``seed``: the same call gives the
     same document. ``num_iter`` is the most rounds: the document ends sooner when the model
     ends it (EOS, or no begin-of-image token within ``max_new_tokens``)."""
-    if model.image_generator is None:
-        raise ValueError("this model has no image generation head (its config has no image_generation)")
+    check_drawing(model, processor, seed=seed, guidance_scale=guidance_scale, inference_steps=inference_steps)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    check_sampling(guidance_scale, inference_steps)
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
+        raise ValueError(f"num_iter must be an integer >= 1, got {num_iter!r}")
+    if seed + num_iter > 2**63:
+        raise ValueError(f"seed must be below 2**63 - num_iter (round r draws with seed + r), got {seed!r}")
     items = interleaved_items(prompt)
     if not items:
         raise ValueError("prompt is empty: give at least one text or image")
+    check_text(model, items, "prompt")
     document: list[dict[str, Any]] = [{"text": x} if isinstance(x, str) else {"image": x} for x in items]
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
     steps = ("text", "image") if mode == "generate_texts" else ("image", "text")
@@ -82,14 +84,8 @@ def _write(model, processor, document, *, seed: int, **settings) -> tuple[str, b
 
 def _draw(model, processor, document, seed: int, guidance_scale, inference_steps) -> Image.Image:
     """Draw the next image of the document, announced by the begin-of-image token."""
-    (image,) = draw_images(
-        model,
-        processor,
-        [_prompt(model, document)],
-        seed=seed,
-        guidance_scale=guidance_scale,
-        inference_steps=inference_steps,
-    )
+    items = [*_prompt(model, document), model.config.tokens.begin_of_image]
+    (image,) = _draw_batch(model, processor, [items], seed, guidance_scale, inference_steps)
     return image
 
 
@@ -105,18 +101,29 @@ def draw_images(
 ) -> list[Image.Image]:
     """One image drawn after each prompt (an interleaved list; the begin-of-image token is
     appended), in one batch: the prompts are left-padded, so each ends at the last position.
-    ``guidance_scale`` and ``inference_steps`` default to the config's; the noise is seeded."""
-    if model.image_generator is None:
-        raise ValueError("this model has no image generation head (its config has no image_generation)")
-    check_sampling(guidance_scale, inference_steps)
+    ``guidance_scale`` and ``inference_steps`` default to the config's. Prompt ``i`` starts
+    from the noise of ``seed + i``: it draws what ``draw([prompt], seed=seed + i)`` draws,
+    whatever else is in the batch (up to float rounding, which batching may change)."""
+    check_drawing(model, processor, seed=seed, guidance_scale=guidance_scale, inference_steps=inference_steps)
     if not prompts:
         raise ValueError("draw: no prompt (give a list of prompts, each a list of text and images)")
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str) or not prompt:
             what = "a string" if isinstance(prompt, str) else "empty"
             raise ValueError(f"draw: prompt {i} is {what}; each prompt is a non-empty list of text and images")
+    if seed + len(prompts) > 2**63:
+        raise ValueError(f"seed must be below 2**63 - len(prompts) (prompt i draws with seed + i), got {seed!r}")
     boi = model.config.tokens.begin_of_image
     items = [[*interleaved_items(p, f"prompt {i}"), boi] for i, p in enumerate(prompts)]
+    for i, prompt_items in enumerate(items):
+        check_text(model, prompt_items[:-1], f"prompt {i}")
+    return _draw_batch(model, processor, items, seed, guidance_scale, inference_steps)
+
+
+@torch.no_grad()
+def _draw_batch(model, processor, items: list[list], seed: int, guidance_scale, inference_steps) -> list[Image.Image]:
+    """Draw after each of ``items`` (checked processor items, each ending with the
+    begin-of-image token); item ``i`` from the noise of ``seed + i``."""
     batch = processor(items, padding_side="left")
     input_ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     patches = model.config.image_generation.mmfs_features == "patches"
@@ -132,18 +139,53 @@ def draw_images(
     states = model.generation_states(input_ids, out.last_hidden_state)
     media = model.generation_media(latents, features)
     context, keep = gen.context(states, mask, media, targets, batch["pixel_values"])
-    noise = torch.Generator().manual_seed(seed)
+    noise = [torch.Generator().manual_seed(seed + i) for i in range(len(items))]
     return to_images(gen.sample(context, keep, generator=noise, steps=inference_steps, guidance_scale=guidance_scale))
 
 
-def check_sampling(guidance_scale: float | None, inference_steps: int | None) -> None:
-    """A clear error for a guidance scale below 0 or fewer than one sampling step."""
-    if guidance_scale is not None and not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0 (1: no guidance), got {guidance_scale}")
-    if inference_steps is not None and (
-        isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or inference_steps < 1
+def check_drawing(model, processor, *, seed: Any = 0, guidance_scale: Any = None, inference_steps: Any = None) -> None:
+    """A clear error, before any work, for what drawing cannot use: a model without an image
+    head; a processor that is not an interleaf ``Processor`` or whose tokenizer lacks the
+    model's begin-of-image token (a text-only processor would draw after the wrong token); a
+    seed that is not an integer in [0, 2**63); a guidance scale that is not a finite number
+    >= 0; a number of sampling steps that is not an integer in [1, the config's
+    ``train_timesteps``]."""
+    if model.image_generator is None:
+        raise ValueError("this model has no image generation head (its config has no image_generation)")
+    if not isinstance(processor, Processor):
+        raise ValueError(f"processor: expected an interleaf Processor, got {type(processor).__name__}")
+    boi = model.config.tokens.begin_of_image
+    if processor.ids.begin_of_image != model.ids.begin_of_image:
+        raise ValueError(
+            f"processor: its tokenizer gives the begin-of-image token {boi!r} the id {processor.ids.begin_of_image}, "
+            f"the model {model.ids.begin_of_image}: load the processor saved with this model "
+            "(Processor.from_pretrained(model_dir))"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if guidance_scale is not None and (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
     ):
-        raise ValueError(f"inference_steps must be an integer >= 1, got {inference_steps!r}")
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
+    most = model.config.image_generation.train_timesteps
+    if inference_steps is not None and (
+        isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or not 1 <= inference_steps <= most
+    ):
+        raise ValueError(
+            f"inference_steps must be an integer in [1, {most}] (the model's train_timesteps), got {inference_steps!r}"
+        )
+
+
+def check_text(model, items: Sequence[Any], where: str) -> None:
+    """Refuse a text item that writes the begin-of-image token itself: where images are drawn
+    is the model's to say (generate) or the call's (draw), never a string's."""
+    boi = model.config.tokens.begin_of_image
+    for i, item in enumerate(items):
+        if isinstance(item, str) and boi in item:
+            raise ValueError(f"{where}, item {i}: the text contains the begin-of-image token {boi!r}")
 
 
 def _prompt(model, document) -> list[str | Image.Image]:
