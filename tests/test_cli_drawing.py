@@ -198,3 +198,17 @@ def test_the_document_keeps_its_own_id(drawing_model, tmp_path, capsys):
     )
     assert json.loads((out / "annt.json").read_text())[0]["id"] == "doc-a"
     assert "doc-a, written by the model:" in capsys.readouterr().out
+
+
+def test_another_familys_directory_is_loaded_before_it_is_checked(tmp_path, capsys, monkeypatch):
+    """A directory whose config.json is not interleaf's (an IDEFICS or InfiMM one) is not refused for
+    it: the documents are checked once the model is loaded (here, the loading is stubbed out)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics", "vocab_size": 10}))
+
+    def loaded(*args, **kwargs):
+        raise ValueError("loaded")
+
+    monkeypatch.setattr(Flamingo, "from_pretrained", loaded)
+    args = ["generate", "--interleaved", "--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "error: loaded" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -201,11 +202,15 @@ def generate_interleaved(
         jobs.append(("prompt", [i for i in items if not (isinstance(i, str) and not i.strip())], mode, num_iter))
         if not jobs[0][1]:
             raise ValueError("--prompt is empty: give text (and <image> placeholders for --image files)")
-    config_file = Path(model_dir) / "config.json"
-    if config_file.is_file():  # the documents checked before the weights load
-        _check_interleaved_jobs(jobs, FlamingoConfig.from_json(config_file), model_dir)
+    config = None
+    if (Path(model_dir) / "config.json").is_file():  # an interleaf checkpoint: checked before the weights load
+        with contextlib.suppress(ValueError):  # else another family's directory, converted when loaded
+            config = FlamingoConfig.from_json(Path(model_dir) / "config.json")
+    if config is not None:
+        _check_interleaved_jobs(jobs, config, model_dir)
     model = Flamingo.from_pretrained(model_dir, device=device, dtype=dtype)
-    _check_interleaved_jobs(jobs, model.config, model_dir)
+    if config is None:  # a hub id or another family's checkpoint: its config is known once loaded
+        _check_interleaved_jobs(jobs, model.config, model_dir)
     processor = Processor.from_pretrained(model_dir)
     written, settings = [], []
     for doc_id, items, doc_mode, doc_iter in jobs:
