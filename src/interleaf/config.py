@@ -290,6 +290,13 @@ class ImageGenerationConfig:
     # same shape in blue" must copy (MM-Interleaved's MMFS reads feature maps down to 1/8 of the
     # image). 0: the patch grid alone
     mmfs_pixels: int = 0
+    # the gate through which the decoupled/aligned read of the earlier images joins: "scalar",
+    # one learned tanh gate per attention (Flamingo's); "text", that gate plus a term per channel
+    # read from the text condition (the mean of its vectors, zero at the start), so that what
+    # the text asks ("the same shape in blue." or "here we have two red circles.") decides how
+    # much of an earlier picture, and which of its features, the drawing takes. With "scalar" the
+    # read is weighed by the UNet's own noisy features alone, which do not know what the text asks
+    mmfs_gate: Literal["scalar", "text"] = "scalar"
     # the Perceiver reads each token's input embedding beside the LM's last hidden state: the
     # token itself ("green"), which a small LM's last layer (tuned to predict the next token)
     # hardly keeps; False: the last hidden state alone, as MM-Interleaved reads its 7B LM
@@ -360,7 +367,7 @@ class ImageGenerationConfig:
         if not self.mmfs:
             changed = [
                 f"{k}={getattr(self, k)!r}"
-                for k in ("mmfs_attention", "mmfs_features", "mmfs_pooled", "mmfs_pixels")
+                for k in ("mmfs_attention", "mmfs_features", "mmfs_pooled", "mmfs_pixels", "mmfs_gate")
                 if getattr(self, k) != getattr(ImageGenerationConfig, k)
             ]
             if changed:
@@ -376,6 +383,11 @@ class ImageGenerationConfig:
             raise ValueError(
                 "ImageGenerationConfig: mmfs_pixels (the side of the earlier images' own grid, 0: off) "
                 f"needs mmfs_attention='aligned', got {self.mmfs_pixels} with {self.mmfs_attention!r}"
+            )
+        if self.mmfs_gate != "scalar" and self.mmfs_attention == "shared":
+            raise ValueError(
+                f"ImageGenerationConfig: mmfs_gate={self.mmfs_gate!r} gates the earlier images' own attention: "
+                "it needs mmfs_attention 'decoupled' or 'aligned' ('shared' reads them beside the text, ungated)"
             )
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
             raise ValueError("ImageGenerationConfig: pixel_mean and pixel_std need one value per RGB channel")

@@ -531,7 +531,11 @@ def draw_config(lm: Path, vision: Path, *, mmfs: bool = True) -> FlamingoConfig:
     mean in the pooled condition: see the README); the LM frozen (stage 2
     trained it), the new token, the resampler and the cross-attention train with it."""
     base = flamingo_config(lm, vision)
-    earlier = dict(mmfs_features="patches", mmfs_attention="aligned", mmfs_pooled=True, mmfs_pixels=16) if mmfs else {}
+    earlier = (
+        dict(mmfs_features="patches", mmfs_attention="aligned", mmfs_pooled=True, mmfs_pixels=16, mmfs_gate="text")
+        if mmfs
+        else {}
+    )
     return dataclasses.replace(
         base,
         tokens=dataclasses.replace(base.tokens, begin_of_image=tinyworld.BEGIN_OF_IMAGE),

@@ -632,3 +632,58 @@ def test_the_finest_mmfs_scale_reads_the_earlier_image_itself_where_the_query_is
     model.eval()
     (image,) = model.draw(processor, [[first, "the same shape in blue."]])
     assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize("attention", ["decoupled", "aligned"])
+def test_the_text_gate_lets_what_the_text_asks_decide_how_much_of_an_earlier_image_is_read(drawer, attention):
+    with pytest.raises(ValueError, match="mmfs_gate='text' .* needs mmfs_attention 'decoupled' or 'aligned'"):
+        ImageGenerationConfig(mmfs_gate="text")
+    with pytest.raises(ValueError, match="mmfs_gate='text' set with mmfs=False"):
+        ImageGenerationConfig(mmfs=False, mmfs_gate="text")
+    features = "patches" if attention == "aligned" else "resampled"
+    gen_cfg = dict(mmfs_attention=attention, mmfs_features=features, mmfs_pooled=features == "patches")
+    model, processor = drawer(**gen_cfg, mmfs_gate="text")
+    scalar, _ = drawer(**gen_cfg)  # the same seed: the same weights, less the text gates
+    gen = model.image_generator
+    procs = [m for m in gen.unet.modules() if isinstance(m, DecoupledMedia)]
+    assert procs and all(p.text_gate is not None for p in procs)
+    extra = {k for k in gen.state_dict() if "text_gate" in k or "media_pool_gate" in k}
+    assert gen.state_dict().keys() - scalar.image_generator.state_dict().keys() == extra
+    scalar.image_generator.load_state_dict({k: v for k, v in gen.state_dict().items() if k not in extra})
+    q = gen.cfg.num_conditions + gen.cfg.token_context
+    tokens = model.vision.num_tokens if attention == "aligned" else model.config.resampler.num_latents
+    n = 2
+    context = torch.randn(n, q + tokens, gen.cfg.condition_dim)
+    keep = torch.ones(n, q + tokens, dtype=torch.bool)
+    x, t = torch.randn(n, 3, gen.sample_size, gen.sample_size), torch.tensor([200, 600])
+    for g in (gen, scalar.image_generator):
+        for p in (m for m in g.unet.modules() if isinstance(m, DecoupledMedia)):
+            p.gate.data.fill_(0.5)
+    with torch.no_grad():
+        # zero at the start: the gate is the scalar gate's, to rounding (a sum of zeros added)
+        torch.testing.assert_close(
+            gen.denoise(x, t, context, keep), scalar.image_generator.denoise(x, t, context, keep), rtol=0, atol=1e-6
+        )
+        for p in procs:
+            torch.nn.init.normal_(p.text_gate.weight, std=2.0)
+        # the gate now reads the text: another text, the same image, another drawing ...
+        other = context.clone()
+        other[:, : gen.cfg.num_conditions] = torch.randn_like(other[:, : gen.cfg.num_conditions])
+        p = procs[0]
+        inner = p.to_v.out_features
+
+        def heads(v):
+            return v.view(n, -1, 2, inner // 2).transpose(1, 2)
+
+        a, b = p.gates(context[:, :q], None, heads), p.gates(other[:, :q], None, heads)
+        assert a.shape == (n, 2, 1, inner // 2) and (a - b).abs().max() > 1e-2
+        # ... and a text that shuts the gate reads no image at all: the text part's output alone
+        for p in procs:
+            p.gate.data.fill_(0.0)
+            p.text_gate.weight.data.zero_()
+            p.text_gate.bias.data.zero_()
+        # exact: the same shapes, and the images' part multiplied by tanh(0) = 0
+        assert torch.equal(gen.denoise(x, t, context, keep), gen.denoise(x, t, context[:, :q], keep[:, :q]))
+    model.train()
+    model(**story_batch(processor)).loss.backward()
+    assert all(p.text_gate.weight.grad is not None for p in procs)

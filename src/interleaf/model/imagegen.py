@@ -127,6 +127,10 @@ class ImageGenerator(nn.Module):
                 self.media_pool = nn.Linear(cfg.condition_dim, cfg.condition_dim)
                 nn.init.zeros_(self.media_pool.weight)
                 nn.init.zeros_(self.media_pool.bias)
+                if cfg.mmfs_gate == "text":  # the text's pooled condition gates it, per channel
+                    self.media_pool_gate = nn.Linear(cfg.condition_dim, cfg.condition_dim)
+                    nn.init.zeros_(self.media_pool_gate.weight)
+                    nn.init.zeros_(self.media_pool_gate.bias)
         channels, self.downsample = 3, 1
         if cfg.space == "latent":  # the VAE's latent channels and scale (SD's: 4, 1/8), from its config
             vae_config = _vae_config(cfg.vae)
@@ -167,9 +171,10 @@ class ImageGenerator(nn.Module):
                 _grid_side(media_tokens)  # a clear error now, not at the first step
 
             def processor(name: str):
+                gated = cfg.mmfs_gate == "text"
                 if cfg.mmfs_attention == "aligned":
-                    return AlignedMedia(text, self._attention(name), media_tokens, cfg.mmfs_pixels**2)
-                return DecoupledMedia(text, self._attention(name))
+                    return AlignedMedia(text, self._attention(name), media_tokens, cfg.mmfs_pixels**2, text_gate=gated)
+                return DecoupledMedia(text, self._attention(name), text_gate=gated)
 
             self.unet.set_attn_processor(
                 {
@@ -335,7 +340,8 @@ class ImageGenerator(nn.Module):
     def pooled(self, context: Tensor, keep: Tensor) -> Tensor:
         """The global condition: the mean of the condition vectors, plus that of the tokens
         read (``token_context``; none for the null condition), plus (``mmfs_pooled``) a
-        projection of the mean of the earlier images' features read (none without one)."""
+        projection of the mean of the earlier images' features read (none without one), with
+        ``mmfs_gate="text"`` through a gate per channel read from the text's part."""
         q, width = self.cfg.num_conditions, self.cfg.token_context
         pooled = context[:, :q].mean(1)
 
@@ -346,7 +352,10 @@ class ImageGenerator(nn.Module):
         if width:
             pooled = pooled + mean(slice(q, q + width))
         if self.cfg.mmfs and self.cfg.mmfs_pooled and context.shape[1] > q + width:
-            pooled = pooled + self.media_pool(mean(slice(q + width, None)))
+            media = self.media_pool(mean(slice(q + width, None)))
+            if self.cfg.mmfs_gate == "text":
+                media = media * torch.sigmoid(self.media_pool_gate(pooled))
+            pooled = pooled + media
         return pooled
 
     # -- sampling --------------------------------------------------------------------------
@@ -411,15 +420,22 @@ class DecoupledMedia(nn.Module):
     """A UNet cross-attention (a ``diffusers`` attention processor) that reads its context in
     two parts: the first ``text`` vectors (the condition, with the attention's own keys and
     values) and the rest, the earlier images, with keys and values of their own, added through
-    ``tanh(gate)``, 0 at the start. A row with no earlier image gets the text part alone."""
+    ``tanh(gate)``, 0 at the start; with ``text_gate`` the gate is per channel and reads the
+    text part too: ``tanh(gate + W mean(text))``, ``W`` zero at the start. A row with no earlier
+    image gets the text part alone."""
 
-    def __init__(self, text: int, attention):
+    def __init__(self, text: int, attention, *, text_gate: bool = False):
         super().__init__()
         inner, cross = attention.to_q.out_features, attention.to_k.in_features
         self.text = text
         self.to_k = nn.Linear(cross, inner, bias=False)
         self.to_v = nn.Linear(cross, inner, bias=False)
         self.gate = nn.Parameter(torch.zeros(()))
+        self.text_gate = None
+        if text_gate:
+            self.text_gate = nn.Linear(cross, inner)
+            nn.init.zeros_(self.text_gate.weight)
+            nn.init.zeros_(self.text_gate.bias)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
         n, text = hidden_states.shape[0], self.text
@@ -438,9 +454,22 @@ class DecoupledMedia(nn.Module):
         if media.shape[1]:
             media_bias = torch.zeros(n, 1, 1, media.shape[1], device=q.device) if bias is None else bias[..., text:]
             read, seen = self.read(q, media, media_bias, heads)
-            out = out + torch.tanh(self.gate) * read * seen.to(read.dtype)
+            gate = self.gates(words, None if bias is None else bias[..., :text], heads)
+            out = out + gate * read * seen.to(read.dtype)
         out = out.transpose(1, 2).reshape(n, -1, q.shape[1] * q.shape[-1])
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+    def gates(self, words: Tensor, bias: Tensor | None, heads) -> Tensor:
+        """The gate of the images' read: a scalar, or (with ``text_gate``) (n, h, 1, d), from the
+        mean of the text vectors ``words`` (n, S, C) that ``bias`` (n, 1, 1, S) lets be read."""
+        if self.text_gate is None:
+            return torch.tanh(self.gate)
+        if bias is None:
+            pooled = words.mean(1)
+        else:
+            readable = (bias.reshape(bias.shape[0], -1, 1) > -1).to(words.dtype)
+            pooled = (words * readable).sum(1) / readable.sum(1).clamp(min=1)
+        return heads(torch.tanh(self.gate + self.text_gate(pooled))[:, None])
 
     def read(self, q: Tensor, media: Tensor, bias: Tensor, heads) -> tuple[Tensor, Tensor]:
         """What the queries (n, h, L, d) read of the earlier images' vectors (n, M, C), masked by
@@ -460,8 +489,8 @@ class AlignedMedia(DecoupledMedia):
     image whose value is zero (a softmax; keys from each image's mean patch), so that it can
     read an image here and nothing there."""
 
-    def __init__(self, text: int, attention, tokens: int, fine: int = 0):
-        super().__init__(text, attention)
+    def __init__(self, text: int, attention, tokens: int, fine: int = 0, *, text_gate: bool = False):
+        super().__init__(text, attention, text_gate=text_gate)
         self.tokens, self.fine = tokens, fine
         self.grid = _grid_side(tokens)
         self.fine_grid = math.isqrt(fine)
