@@ -88,6 +88,7 @@ def test_a_prompt_with_images(drawing_model, tmp_path, capsys):
         [
             "generate", "--interleaved", "--model", str(drawing_model), "--prompt", "<image>the same shape in blue.",
             "--image", str(image), "--out", str(out), "--mode", "generate_images", "--max-new-tokens", "3",
+            "--image-guidance-scale", "1.5",
         ]
     )  # fmt: skip
     assert code == 0
@@ -163,6 +164,7 @@ def test_interleaved_options_are_checked_before_the_model_loads(drawing_model, t
         (["--input", str(source), *new], "d1, item 0: the text contains the token '<image>'"),
         (["--prompt", "x", *new, "--seed", str(2**64)], "argument --seed: must be in [0, 2**62)"),
         (["--prompt", "x", *new, "--seed", "-1"], "argument --seed: must be in [0, 2**62)"),
+        (["--prompt", "x", *new, "--image-guidance-scale", "-1"], "argument --image-guidance-scale:"),
     ]:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
@@ -171,6 +173,8 @@ def test_interleaved_options_are_checked_before_the_model_loads(drawing_model, t
     plain = ["generate", "--model", str(drawing_model), "--prompt", "a red star."]
     assert main([*plain, "--mode", "generate_images", "--num-iter", "2"]) == 2
     assert "--mode, --num-iter: only with --interleaved" in capsys.readouterr().err
+    assert main([*plain, "--image-guidance-scale", "2"]) == 2
+    assert "--image-guidance-scale: only with --interleaved" in capsys.readouterr().err
 
 
 def test_the_document_keeps_its_own_id(drawing_model, tmp_path, capsys):

@@ -133,7 +133,7 @@ def test_generate_adds_the_drawing_stages(quick_demo, capsys):
         config = json.loads((out / run_dir / "final" / "config.json").read_text())
         assert config["image_generation"]["mmfs"] == (run_dir == "flamingo-draw")
     evaluation = out / "draw-eval"
-    for picture in ("drawings.png", "drawings-nommfs.png"):
+    for picture in ("drawings.png", "drawings-nommfs.png", "same-shape.png", "same-shape-nommfs.png"):
         assert (evaluation / picture).stat().st_size > 1000
     assert (evaluation / "documents" / "index.html").exists()
     scores = json.loads((evaluation / "drawing.json").read_text())
@@ -141,4 +141,4 @@ def test_generate_adds_the_drawing_stages(quick_demo, capsys):
     assert set(result["drawing"]) == {"mmfs", "no mmfs"}
     printed = capsys.readouterr().out
     assert "| colour | 16.7 |" in printed  # the table, chance first
-    assert "drawings-nommfs.png" in printed
+    assert "same-shape.png (without MMFS: *-nommfs.png)" in printed

@@ -154,6 +154,7 @@ def generate_interleaved(
     guidance_scale: float | None,
     inference_steps: int | None,
     device: str = "auto",
+    image_guidance_scale: float | None = None,
     dtype: str | None = None,
 ) -> None:
     """Continue interleaved documents with text and drawn images (MM-Interleaved's inference):
@@ -225,6 +226,7 @@ def generate_interleaved(
             top_p=top_p,
             seed=seed,
             guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
             inference_steps=inference_steps,
         )
         written.append((doc_id, parts))
@@ -591,6 +593,11 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--num-iter", type=positive_int, help="with --interleaved: the most rounds (default: 1)")
     g.add_argument("--guidance-scale", type=non_negative_float, help="classifier-free guidance (default: the model's)")
+    g.add_argument(
+        "--image-guidance-scale",
+        type=non_negative_float,
+        help="the earlier images' own guidance, below --guidance-scale to favour the text (default: the model's)",
+    )
     g.add_argument("--inference-steps", type=positive_int, help="sampler steps (default: the model's)")
     placement_options(g)
 
@@ -807,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
                 top_p=args.top_p,
                 seed=0 if args.seed is None else args.seed,
                 guidance_scale=args.guidance_scale,
+                image_guidance_scale=args.image_guidance_scale,
                 inference_steps=args.inference_steps,
                 device=args.device,
                 dtype=args.dtype,
@@ -816,7 +824,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--prompt is required (or --interleaved with --input)")
             given = [
                 f"--{n}"
-                for n in ("input", "out", "mode", "num-iter", "guidance-scale", "inference-steps")
+                for n in (
+                    "input",
+                    "out",
+                    "mode",
+                    "num-iter",
+                    "guidance-scale",
+                    "image-guidance-scale",
+                    "inference-steps",
+                )
                 if getattr(args, n.replace("-", "_")) is not None
             ]
             if given:

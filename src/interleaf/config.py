@@ -319,7 +319,18 @@ class ImageGenerationConfig:
     sampler: Literal["ddim", "dpmsolver++"] = "dpmsolver++"
     inference_steps: int = 25
     guidance_scale: float = 3.0
+    # classifier-free guidance of the earlier images apart from the text's (InstructPix2Pix's two
+    # scales, Brooks et al. 2023, with the text first): uncond + guidance_scale * (text - uncond)
+    # + image_guidance_scale * (text and images - text), the text-only prediction being the one
+    # a document's first picture is trained on. Below guidance_scale the text wins where the two
+    # disagree ("the same shape in blue." after a red picture); None: guidance_scale (the plain
+    # guidance, two UNet passes a step; otherwise three, where a row has an earlier image)
+    image_guidance_scale: float | None = None
     condition_dropout: float = 0.1
+    # the probability that a training draw (one not dropped whole) reads no earlier image, its
+    # text kept: what "the same shape in blue." alone draws is then learned, the prediction
+    # that image_guidance_scale guides from (InstructPix2Pix drops its image 5% of the time)
+    image_dropout: float = 0.0
     # timesteps (with their noise) drawn per target image in a training step: the UNet learns
     # from each image (and its condition) several times for one pass of the LM, which costs
     # far more than the small UNet's
@@ -360,6 +371,8 @@ class ImageGenerationConfig:
             )
         if not 0 <= self.condition_dropout < 1:
             raise ValueError(f"ImageGenerationConfig.condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if not 0 <= self.image_dropout < 1:
+            raise ValueError(f"ImageGenerationConfig.image_dropout must be in [0, 1), got {self.image_dropout}")
         if self.space == "latent" and not self.vae:
             raise ValueError(
                 "ImageGenerationConfig: space='latent' needs vae (a hub id or directory of an AutoencoderKL)"
@@ -367,7 +380,15 @@ class ImageGenerationConfig:
         if not self.mmfs:
             changed = [
                 f"{k}={getattr(self, k)!r}"
-                for k in ("mmfs_attention", "mmfs_features", "mmfs_pooled", "mmfs_pixels", "mmfs_gate")
+                for k in (
+                    "mmfs_attention",
+                    "mmfs_features",
+                    "mmfs_pooled",
+                    "mmfs_pixels",
+                    "mmfs_gate",
+                    "image_guidance_scale",
+                    "image_dropout",
+                )
                 if getattr(self, k) != getattr(ImageGenerationConfig, k)
             ]
             if changed:
@@ -383,6 +404,11 @@ class ImageGenerationConfig:
             raise ValueError(
                 "ImageGenerationConfig: mmfs_pixels (the side of the earlier images' own grid, 0: off) "
                 f"needs mmfs_attention='aligned', got {self.mmfs_pixels} with {self.mmfs_attention!r}"
+            )
+        if self.image_guidance_scale is not None and self.image_guidance_scale < 0:
+            raise ValueError(
+                "ImageGenerationConfig.image_guidance_scale must be >= 0 (None: guidance_scale), "
+                f"got {self.image_guidance_scale}"
             )
         if self.mmfs_gate != "scalar" and self.mmfs_attention == "shared":
             raise ValueError(

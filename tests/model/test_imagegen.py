@@ -387,6 +387,8 @@ def test_draw_rejects_bad_requests(drawer):
         ([["a red circle."]], {"guidance_scale": -2.0}, "guidance_scale must be a finite number >= 0"),
         ([["a red circle."]], {"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0"),
         ([["a red circle."]], {"guidance_scale": "3"}, "guidance_scale must be a finite number >= 0"),
+        ([["a red circle."]], {"image_guidance_scale": -1.0}, "image_guidance_scale must be a finite number >= 0"),
+        ([["a red circle."]], {"image_guidance_scale": True}, "image_guidance_scale must be a finite number >= 0"),
         ([["a red circle."]], {"inference_steps": 0}, r"inference_steps must be an integer in \[1, 1000\]"),
         ([["a red circle."]], {"inference_steps": 2000}, r"inference_steps must be an integer in \[1, 1000\]"),
         ([["a red circle."]], {"seed": None}, r"seed must be an integer in \[0, 2\*\*63\), got None"),
@@ -687,3 +689,60 @@ def test_the_text_gate_lets_what_the_text_asks_decide_how_much_of_an_earlier_ima
     model.train()
     model(**story_batch(processor)).loss.backward()
     assert all(p.text_gate.weight.grad is not None for p in procs)
+
+
+def test_image_dropout_hides_the_earlier_images_of_some_draws_and_keeps_their_text(drawer):
+    with pytest.raises(ValueError, match=r"image_dropout must be in \[0, 1\)"):
+        ImageGenerationConfig(image_dropout=1.0)
+    with pytest.raises(ValueError, match="image_dropout=0.1 set with mmfs=False"):
+        ImageGenerationConfig(mmfs=False, image_dropout=0.1)
+    seen = []
+    for dropout in (0.0, 0.999):
+        model, processor = drawer(image_dropout=dropout, condition_dropout=0.0)
+        gen = model.image_generator
+        denoise = gen.denoise
+        gen.denoise = lambda x, t, context, keep, d=denoise: seen.append(keep) or d(x, t, context, keep)
+        torch.manual_seed(0)
+        model(**story_batch(processor))
+    text = gen.cfg.num_conditions + gen.cfg.token_context
+    kept, hidden = seen
+    assert kept[:, text:].any()  # some targets have an earlier image to read ...
+    assert not hidden[:, text:].any()  # ... and with image_dropout none of them read it
+    assert torch.equal(kept[:, :text], hidden[:, :text])  # the text is kept, to the last vector
+
+
+def test_image_guidance_weighs_the_earlier_images_apart_from_the_text(drawer):
+    with pytest.raises(ValueError, match="image_guidance_scale must be >= 0"):
+        ImageGenerationConfig(image_guidance_scale=-1.0)
+    model, processor = drawer(mmfs_attention="aligned", mmfs_features="patches", mmfs_pixels=16)
+    for p in model.image_generator.unet.modules():
+        if isinstance(p, AlignedMedia):
+            p.gate.data.fill_(0.5)
+    first = tinyworld.render(tinyworld.drawn_scene(random.Random(1)), 32)
+    prompts = [[first, "the same shape in blue."], ["here we have a red circle."]]
+    plain = model.draw(processor, prompts, seed=5, inference_steps=4)
+    # at the text's own scale it is the plain guidance: the same computation, to the bit
+    same = model.draw(processor, prompts, seed=5, inference_steps=4, image_guidance_scale=3.0)
+    assert [im.tobytes() for im in same] == [im.tobytes() for im in plain]
+    ignored = model.draw(processor, prompts, seed=5, inference_steps=4, image_guidance_scale=0.0)
+    weighed = model.draw(processor, prompts, seed=5, inference_steps=4, image_guidance_scale=1.5)
+    # a prompt with no earlier image draws the same whatever the images' scale (pixels of
+    # 8 bits: the batch of three rows rounds its sums otherwise than that of two, far below a level)
+    for other in (ignored, weighed):
+        assert np.abs(np.asarray(other[1], float) - np.asarray(plain[1], float)).max() <= 1
+    # at 0 the earlier image is not read at all: what the text alone draws (the picture masked out)
+    gen = model.image_generator
+    captured = []
+    sample = gen.sample
+    gen.sample = lambda context, keep, **kw: captured.append((context, keep)) or sample(context, keep, **kw)
+    model.draw(processor, prompts[:1], seed=5, inference_steps=4)
+    gen.sample = sample
+    ((context, keep),) = captured
+    text = gen.cfg.num_conditions + gen.cfg.token_context
+    blind = torch.cat([keep[:, :text], torch.zeros_like(keep[:, text:])], 1)
+    noise = [torch.Generator().manual_seed(5)]
+    alone = gen.sample(context, blind, generator=noise, steps=4)
+    noise = [torch.Generator().manual_seed(5)]
+    zero = gen.sample(context, keep, generator=noise, steps=4, image_guidance_scale=0.0)
+    torch.testing.assert_close(zero, alone, rtol=0, atol=1e-4)  # two rows against three: rounding
+    assert np.abs(np.asarray(weighed[0], float) - np.asarray(ignored[0], float)).mean() > 1

@@ -135,6 +135,19 @@ def grid(prompts: Sequence[str], images: Sequence[Image.Image], path: str | Path
     return path
 
 
+def variation_grid(
+    prompts: Sequence[tinyworld.DrawingPrompt], images: Sequence[Image.Image], path: str | Path, *, pairs: int = 9
+) -> Path:
+    """The first ``pairs`` "same shape" prompts as pairs in a grid: the earlier picture, then
+    what was drawn under the prompt's text (``the same shape in blue.``)."""
+    labels, pictures = [], []
+    for prompt, drawn in list(zip(prompts, images))[:pairs]:
+        earlier, text = prompt.prompt
+        labels += ["the earlier picture", text]
+        pictures += [earlier, drawn]
+    return grid(labels, pictures, path)
+
+
 def _wrap(text: str, width: int) -> str:
     lines, line = [], ""
     for word in text.split():

@@ -295,7 +295,8 @@ class ImageGenerator(nn.Module):
     ) -> Tensor:
         """The denoising loss (mean squared error of the predicted noise, or velocity) of the
         targets, at uniformly drawn timesteps (``noise_draws`` per target); the null condition
-        replaces a draw's condition with probability ``condition_dropout``."""
+        replaces a draw's condition with probability ``condition_dropout``, and its earlier
+        images alone are hidden with probability ``image_dropout``."""
         x0 = self.encode(self.to_unit(pixel_values[targets.sample, targets.image]))
         context, keep = self.context(states, attention_mask, media, targets, pixel_values)
         draws = self.cfg.noise_draws  # each target k times, with its own timestep and noise
@@ -304,6 +305,10 @@ class ImageGenerator(nn.Module):
         null, null_keep = self.null_context(context, keep)
         context = torch.where(drop[:, None, None], null, context)
         keep = torch.where(drop[:, None], null_keep, keep)
+        if self.cfg.image_dropout:  # the text kept, the earlier images not read
+            blind = torch.rand(len(x0), device=x0.device) < self.cfg.image_dropout
+            text = self.cfg.num_conditions + self.cfg.token_context
+            keep = torch.cat([keep[:, :text], keep[:, text:] & ~blind[:, None]], 1)
         schedule = self.scheduler()
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.cfg.train_timesteps, (len(x0),), device=x0.device)
@@ -369,12 +374,18 @@ class ImageGenerator(nn.Module):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
     ) -> Tensor:
         """Draw one image per row of ``context``: (n, 3, H, W) pixels in [-1, 1]. The starting
         noise comes from ``generator`` (CPU), or from one generator per row: a row's image then
-        does not depend on the rows beside it."""
+        does not depend on the rows beside it. ``guidance_scale`` and ``image_guidance_scale``
+        default to the config's (see :class:`ImageGenerationConfig`)."""
         cfg = self.cfg
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        image_guidance = cfg.image_guidance_scale if image_guidance_scale is None else image_guidance_scale
+        text = cfg.num_conditions + cfg.token_context
+        # the images guided apart: a third pass, of the text alone (the images masked out)
+        apart = image_guidance is not None and image_guidance != guidance and bool(keep[:, text:].any())
         sampler = self.sampler()
         sampler.set_timesteps(steps or cfg.inference_steps, device=context.device)
         n = context.shape[0]
@@ -387,15 +398,21 @@ class ImageGenerator(nn.Module):
             z = torch.randn((n, *shape), generator=generator, device="cpu")
         z = z.to(context.device)
         z = z * sampler.init_noise_sigma
-        if guidance != 1:  # the unconditional rows after the conditional ones, one UNet call
-            null, null_keep = self.null_context(context, keep)
-            context, keep = torch.cat([context, null]), torch.cat([keep, null_keep])
+        # the conditional rows, then the text-only ones, then the unconditional: one UNet call
+        parts = [(context, keep)]
+        if apart:
+            parts.append((context, torch.cat([keep[:, :text], torch.zeros_like(keep[:, text:])], 1)))
+        if guidance != 1:
+            parts.append(self.null_context(context, keep))
+        context, keep = torch.cat([c for c, _ in parts]), torch.cat([k for _, k in parts])
         for t in sampler.timesteps:
-            x = sampler.scale_model_input(torch.cat([z, z]) if guidance != 1 else z, t)
-            out = self.denoise(x, t, context, keep).float()
-            if guidance != 1:
-                cond, uncond = out.chunk(2)
-                out = uncond + guidance * (cond - uncond)
+            x = sampler.scale_model_input(torch.cat([z] * len(parts)), t)
+            outs = self.denoise(x, t, context, keep).float().chunk(len(parts))
+            full = outs[0]
+            words = outs[1] if apart else full
+            out = words if guidance == 1 else outs[-1] + guidance * (words - outs[-1])
+            if apart:
+                out = out + image_guidance * (full - words)
             z = sampler.step(out, t, z).prev_sample
         return self.decode(z.float())
 

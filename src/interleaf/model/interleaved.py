@@ -37,14 +37,17 @@ def generate_interleaved(
     top_p: float = 1.0,
     seed: int = 0,
     guidance_scale: float | None = None,
+    image_guidance_scale: float | None = None,
     inference_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     """The document: the prompt's items, then the generated ones, each ``{"text": str}`` or
     ``{"image": PIL.Image}``, with ``"generated": True`` on the new ones. Sampling (text with
     ``do_sample``, and always the images' noise) is seeded by ``seed``: the same call gives the
     same document. ``num_iter`` is the most rounds: the document ends sooner when the model
-    ends it (EOS, or no begin-of-image token within ``max_new_tokens``)."""
-    check_drawing(model, processor, seed=seed, guidance_scale=guidance_scale, inference_steps=inference_steps)
+    ends it (EOS, or no begin-of-image token within ``max_new_tokens``). The drawing settings
+    are those of :func:`draw_images`."""
+    drawing = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, steps=inference_steps)
+    check_drawing(model, processor, seed=seed, **drawing)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
@@ -61,7 +64,7 @@ def generate_interleaved(
     for round_ in range(num_iter):
         for step in steps:
             if step == "image":
-                image = _draw(model, processor, document, seed + round_, guidance_scale, inference_steps)
+                image = _draw(model, processor, document, seed + round_, drawing)
                 document.append({"image": image, "generated": True})
                 continue
             text, ended = _write(model, processor, document, seed=seed + round_, **settings)
@@ -82,10 +85,10 @@ def _write(model, processor, document, *, seed: int, **settings) -> tuple[str, b
     return processor.decode(tokens, skip_special_tokens=True), ended
 
 
-def _draw(model, processor, document, seed: int, guidance_scale, inference_steps) -> Image.Image:
+def _draw(model, processor, document, seed: int, drawing: dict[str, Any]) -> Image.Image:
     """Draw the next image of the document, announced by the begin-of-image token."""
     items = [*_prompt(model, document), model.config.tokens.begin_of_image]
-    (image,) = _draw_batch(model, processor, [items], seed, guidance_scale, inference_steps)
+    (image,) = _draw_batch(model, processor, [items], seed, drawing)
     return image
 
 
@@ -97,14 +100,18 @@ def draw_images(
     *,
     seed: int = 0,
     guidance_scale: float | None = None,
+    image_guidance_scale: float | None = None,
     inference_steps: int | None = None,
 ) -> list[Image.Image]:
     """One image drawn after each prompt (an interleaved list; the begin-of-image token is
     appended), in one batch: the prompts are left-padded, so each ends at the last position.
-    ``guidance_scale`` and ``inference_steps`` default to the config's. Prompt ``i`` starts
+    ``guidance_scale``, ``image_guidance_scale`` (the earlier images' own guidance, see
+    :class:`~interleaf.config.ImageGenerationConfig`) and ``inference_steps`` default to the
+    config's. Prompt ``i`` starts
     from the noise of ``seed + i``: it draws what ``draw([prompt], seed=seed + i)`` draws,
     whatever else is in the batch (up to float rounding, which batching may change)."""
-    check_drawing(model, processor, seed=seed, guidance_scale=guidance_scale, inference_steps=inference_steps)
+    drawing = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, steps=inference_steps)
+    check_drawing(model, processor, seed=seed, **drawing)
     if not prompts:
         raise ValueError("draw: no prompt (give a list of prompts, each a list of text and images)")
     for i, prompt in enumerate(prompts):
@@ -117,13 +124,14 @@ def draw_images(
     items = [[*interleaved_items(p, f"prompt {i}"), boi] for i, p in enumerate(prompts)]
     for i, prompt_items in enumerate(items):
         check_text(model, prompt_items[:-1], f"prompt {i}")
-    return _draw_batch(model, processor, items, seed, guidance_scale, inference_steps)
+    return _draw_batch(model, processor, items, seed, drawing)
 
 
 @torch.no_grad()
-def _draw_batch(model, processor, items: list[list], seed: int, guidance_scale, inference_steps) -> list[Image.Image]:
+def _draw_batch(model, processor, items: list[list], seed: int, drawing: dict[str, Any]) -> list[Image.Image]:
     """Draw after each of ``items`` (checked processor items, each ending with the
-    begin-of-image token); item ``i`` from the noise of ``seed + i``."""
+    begin-of-image token); item ``i`` from the noise of ``seed + i``; ``drawing``: the
+    checked keywords of :meth:`ImageGenerator.sample`."""
     batch = processor(items, padding_side="left")
     input_ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     patches = model.config.image_generation.mmfs_features == "patches"
@@ -140,16 +148,24 @@ def _draw_batch(model, processor, items: list[list], seed: int, guidance_scale, 
     media = model.generation_media(latents, features)
     context, keep = gen.context(states, mask, media, targets, batch["pixel_values"])
     noise = [torch.Generator().manual_seed(seed + i) for i in range(len(items))]
-    return to_images(gen.sample(context, keep, generator=noise, steps=inference_steps, guidance_scale=guidance_scale))
+    return to_images(gen.sample(context, keep, generator=noise, **drawing))
 
 
-def check_drawing(model, processor, *, seed: Any = 0, guidance_scale: Any = None, inference_steps: Any = None) -> None:
+def check_drawing(
+    model,
+    processor,
+    *,
+    seed: Any = 0,
+    guidance_scale: Any = None,
+    image_guidance_scale: Any = None,
+    steps: Any = None,
+) -> None:
     """A clear error, before any work, for what drawing cannot use: a model without an image
     head; a processor that is not an interleaf ``Processor`` or whose tokenizer lacks the
     model's begin-of-image token (a text-only processor would draw after the wrong token); a
-    seed that is not an integer in [0, 2**63); a guidance scale that is not a finite number
-    >= 0; a number of sampling steps that is not an integer in [1, the config's
-    ``train_timesteps``]."""
+    seed that is not an integer in [0, 2**63); a guidance scale (or the images' own) that is not
+    a finite number >= 0; a number of sampling steps (``inference_steps``) that is not an
+    integer in [1, the config's ``train_timesteps``]."""
     if model.image_generator is None:
         raise ValueError("this model has no image generation head (its config has no image_generation)")
     if not isinstance(processor, Processor):
@@ -163,19 +179,15 @@ def check_drawing(model, processor, *, seed: Any = 0, guidance_scale: Any = None
         )
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    if guidance_scale is not None and (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
+    for name, scale in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0
+        ):
+            raise ValueError(f"{name} must be a finite number >= 0 (1: no guidance), got {scale!r}")
     most = model.config.image_generation.train_timesteps
-    if inference_steps is not None and (
-        isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or not 1 <= inference_steps <= most
-    ):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most):
         raise ValueError(
-            f"inference_steps must be an integer in [1, {most}] (the model's train_timesteps), got {inference_steps!r}"
+            f"inference_steps must be an integer in [1, {most}] (the model's train_timesteps), got {steps!r}"
         )
 
 
