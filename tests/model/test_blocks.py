@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from interleaf.config import CrossAttentionConfig, ResamplerConfig
+from interleaf.model.layers import attention
 from interleaf.model.resampler import PerceiverResampler
 from interleaf.model.xattn import GatedCrossAttentionBlock
 
@@ -103,3 +104,25 @@ def test_resampler_latents_attend_to_features():
     r = resampler()
     x = torch.randn(1, 1, 7, MEDIA_DIM)
     assert not torch.allclose(r(x), r(torch.randn_like(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_training_attention_on_cpu_is_sdpa_in_matmuls(dtype):
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[..., 0] = True  # no row fully masked (the blocks open such rows themselves)
+    k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # float32
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = attention(*low, mask)
+    # the inputs rounded to 8 (bf16) or 11 (fp16) significant bits: relative errors of 2^-8 / 2^-11
+    # per operand, a few of them summed over 8-long dot products
+    tol = 3e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(out.float(), reference, rtol=tol, atol=tol)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in low)
+    with torch.no_grad():  # inference keeps torch's fused kernel
+        torch.testing.assert_close(attention(*low, mask).float(), reference, rtol=tol, atol=tol)
+    # float32 is torch's SDPA itself: the same computation, to the bit
+    assert torch.equal(attention(q, k, v, mask), reference)

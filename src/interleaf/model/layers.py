@@ -73,8 +73,21 @@ class MultiHeadProjection(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """Scaled dot-product attention, heads merged and projected out: (B, T, D)."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+        return self.o_proj(rearrange(attention(q, k, v, mask), "b h t d -> b t (h d)"))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention, (B, H, T, d); ``mask`` (bool, True: may be read) broadcasts
+    to (B, H, T, S). torch's fused SDPA, except in bfloat16/float16 on a CPU while autograd
+    records: there SDPA's CPU flash-attention backward cost 31-40% of a small training step
+    (docs/BENCHMARKS.md), more than the plain matmuls it replaces at the perceiver's and the
+    cross-attention's short key lengths, so the scores are two matmuls and a softmax (in float32)."""
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
 
 
 def gate_parameter(kind: str, dim: int) -> nn.Parameter:
