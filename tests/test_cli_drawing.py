@@ -102,7 +102,8 @@ def test_a_prompt_with_images(drawing_model, tmp_path, capsys):
         ([], "needs --out DIR"),
         (["--out", "{tmp}/o", "--prompt", "x", "--input", "{annt}"], "one of them"),
         (["--out", "{tmp}/o"], "one of them"),
-        (["--out", "{tmp}/o", "--prompt", "<image> x"], "1 <image> placeholders for 0 --image files"),
+        (["--out", "{tmp}/o", "--prompt", "<image> x"], "1 <image> placeholder(s) for 0 --image file(s)"),
+        (["--out", "{tmp}/o", "--input", "{misspelt}"], "unknown field 'generate_mod' (did you mean 'generate_mode'?)"),
         (["--out", "{tmp}/o", "--input", "{bad}"], "generate_mode must be one of"),
         (["--out", "{tmp}/o", "--input", "{broken}"], "broken.json"),
     ],
@@ -117,7 +118,11 @@ def test_bad_requests_are_one_line(drawing_model, tmp_path, capsys, extra, messa
     )
     broken = tmp_path / "broken.json"
     broken.write_text('[{"sentences": ["x"], "images": ["missing.png"], "sentence_ixs": [0], "image_first": [true]}]')
-    fill = {"tmp": tmp_path, "annt": source, "bad": bad, "broken": broken}
+    misspelt = tmp_path / "misspelt.json"
+    misspelt.write_text(
+        json.dumps([{"sentences": ["x"], "images": [], "sentence_ixs": [], "image_first": [], "generate_mod": "x"}])
+    )
+    fill = {"tmp": tmp_path, "annt": source, "bad": bad, "broken": broken, "misspelt": misspelt}
     args = ["generate", "--interleaved", "--model", str(drawing_model), *[a.format(**fill) for a in extra]]
     assert main(args) == 2
     err = capsys.readouterr().err

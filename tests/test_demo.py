@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from interleaf.demo import TASKS, DemoOptions, run
+from interleaf.demo import TASKS, DemoOptions, command_line, run
 from interleaf.model.flamingo import Flamingo
 from interleaf.model.trainable import parameter_groups
 
@@ -142,3 +142,10 @@ def test_generate_adds_the_drawing_stages(quick_demo, capsys):
     printed = capsys.readouterr().out
     assert "| colour | 16.7 |" in printed  # the table, chance first
     assert "same-shape.png (without MMFS: *-nommfs.png)" in printed
+
+
+def test_the_printed_command_keeps_the_options_it_ran_with(tmp_path):
+    opts = DemoOptions(out=tmp_path / "d", generate=True, scale=0.05, seed=3)
+    assert command_line(opts) == f"interleaf demo --generate --out {opts.out} --seed 3 --scale 0.05"
+    plain = DemoOptions(out=tmp_path / "d")
+    assert command_line(plain) == f"interleaf demo --out {plain.out}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import math
 import os
 import re
@@ -186,6 +187,10 @@ def generate_interleaved(
             raise ValueError(f"{source}: no document")
         for doc in docs:
             items = [s.text if s.text is not None else s.image.load() for s in doc.segments]
+            for key in doc.meta:  # a misspelt setting would be dropped without a word
+                near = difflib.get_close_matches(key, ("generate_mode", "num_iter", "id"), n=1, cutoff=0.75)
+                if near and near[0] != key:
+                    raise ValueError(f"{doc.id}: unknown field {key!r} (did you mean {near[0]!r}?)")
             doc_mode = doc.meta.get("generate_mode", mode)
             doc_iter = doc.meta.get("num_iter", num_iter)
             if doc_mode not in MODES:
@@ -196,7 +201,7 @@ def generate_interleaved(
     else:
         pieces = prompt.split("<image>")
         if len(pieces) - 1 != len(images):
-            raise ValueError(f"--prompt has {len(pieces) - 1} <image> placeholders for {len(images)} --image files")
+            raise ValueError(f"--prompt has {len(pieces) - 1} <image> placeholder(s) for {len(images)} --image file(s)")
         items = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
             items += [image, piece]

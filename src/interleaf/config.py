@@ -38,6 +38,8 @@ def _scalar_error(value: Any, tp: Any) -> str | None:
         return None if math.isfinite(value) else f"expected a finite number, got {value!r}"
     if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         return f"expected {tp.__name__}, got {value!r}"
+    if dataclasses.is_dataclass(tp) and not isinstance(value, tp):  # a dict is read from JSON, not taken as it is
+        return f"expected a {tp.__name__}, got {type(value).__name__} {value!r}"
     return None
 
 
@@ -354,6 +356,7 @@ class ImageGenerationConfig:
                 "inference_steps",
                 "max_distance",
                 "noise_draws",
+                "max_images",
             ),
             ("loss_weight", "guidance_scale", "snr_gamma", "mmfs_pixels"),
         )
@@ -414,6 +417,11 @@ class ImageGenerationConfig:
             raise ValueError(
                 f"ImageGenerationConfig: mmfs_gate={self.mmfs_gate!r} gates the earlier images' own attention: "
                 "it needs mmfs_attention 'decoupled' or 'aligned' ('shared' reads them beside the text, ungated)"
+            )
+        if self.mmfs_pixels and self.space == "pixel" and self.image_size % self.mmfs_pixels:
+            raise ValueError(
+                f"ImageGenerationConfig.mmfs_pixels {self.mmfs_pixels} does not divide image_size {self.image_size} "
+                "(the decoder's side in pixel space)"
             )
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
             raise ValueError("ImageGenerationConfig: pixel_mean and pixel_std need one value per RGB channel")

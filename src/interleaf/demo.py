@@ -193,6 +193,7 @@ def run(opts: DemoOptions | None = None) -> dict[str, Any]:
     opts = DemoOptions() if opts is None else opts
     start = time.perf_counter()
     process_device(opts.device)  # a device this machine lacks fails here, before any stage runs
+    again = command_line(opts)
     opts = opts.scaled()
     stages = Stages(opts.out)
     world = stages.run("world", _world_config(opts), lambda d: _write_world(d, opts))
@@ -234,7 +235,7 @@ def run(opts: DemoOptions | None = None) -> dict[str, Any]:
         print(f"the LM's induction probe against its pretraining steps: {curve}")
     answer = {**_showcase(evaluation, world), **_caption(model_dir, world, opts.out / "examples", opts)}
     if opts.generate:
-        answer["drawing"] = _drawing_stages(stages, opts, lm, vision, stage2)
+        answer["drawing"] = _drawing_stages(stages, opts, lm, vision, stage2, again)
     seconds = time.perf_counter() - start
     print(f"\ndone in {seconds:.0f}s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.times.items()))
     return {"reports": reports, "times": stages.times, "seconds": seconds, "model": model_dir, **answer}
@@ -542,7 +543,20 @@ def draw_config(lm: Path, vision: Path, *, mmfs: bool = True) -> FlamingoConfig:
     )
 
 
-def _drawing_stages(stages: Stages, opts: DemoOptions, lm: Path, vision: Path, stage2: Path) -> dict[str, Any]:
+def command_line(opts: DemoOptions) -> str:
+    """The ``interleaf demo`` command that runs (or, its stages finished, reuses) ``opts``: the
+    options the command line can set, where they differ from the defaults."""
+    words = ["interleaf", "demo", *(["--generate"] if opts.generate else []), "--out", str(opts.out)]
+    default = DemoOptions()
+    for flag, name in (("--seed", "seed"), ("--scale", "scale"), ("--device", "device"), ("--dtype", "dtype")):
+        if getattr(opts, name) != getattr(default, name):
+            words += [flag, str(getattr(opts, name))]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _drawing_stages(
+    stages: Stages, opts: DemoOptions, lm: Path, vision: Path, stage2: Path, again: str
+) -> dict[str, Any]:
     """Stage 3 twice (with and without MMFS, from stage 2), the attribute classifier, and the
     drawing evaluation; prints the table and writes the picture grid and the written documents."""
     after = dict(stages.digests)
@@ -566,9 +580,7 @@ def _drawing_stages(stages: Stages, opts: DemoOptions, lm: Path, vision: Path, s
     print("\ndrawing, read by an attribute classifier (% of pictures with the attribute asked for)\n")
     print((evaluation / "table.md").read_text())
     print(f"\npictures: {evaluation / 'drawings.png'}, same-shape.png (without MMFS: *-nommfs.png)")
-    print(
-        f"the table again (each finished stage is reused): interleaf demo --generate --out {shlex.quote(str(opts.out))}"
-    )
+    print(f"the table again (each finished stage is reused): {again}")
     print(f"written documents: {evaluation / 'documents' / 'index.html'}")
     return result
 

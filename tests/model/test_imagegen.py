@@ -586,8 +586,12 @@ def test_aligned_mmfs_reads_each_image_where_the_query_is(drawer, tmp_path):
 def test_the_finest_mmfs_scale_reads_the_earlier_image_itself_where_the_query_is(drawer):
     with pytest.raises(ValueError, match="mmfs_pixels .* needs mmfs_attention='aligned'"):
         ImageGenerationConfig(mmfs_pixels=16, mmfs_features="patches")
-    with pytest.raises(ValueError, match="mmfs_pixels 5 does not divide the decoder's side 32"):
+    with pytest.raises(ValueError, match="mmfs_pixels 5 does not divide image_size 32"):
         drawer(mmfs_attention="aligned", mmfs_features="patches", mmfs_pixels=5)
+    with pytest.raises(ValueError, match="max_images must be >= 1"):
+        ImageGenerationConfig(max_images=0)
+    with pytest.raises(ValueError, match="ImageGenerationConfig.unet: expected a UNetConfig, got dict"):
+        ImageGenerationConfig(unet={"foo": 1})
     model, processor = drawer(mmfs_attention="aligned", mmfs_features="patches", mmfs_pixels=16)
     gen = model.image_generator
     procs = [m for m in gen.unet.modules() if isinstance(m, AlignedMedia)]
