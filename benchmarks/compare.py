@@ -1008,6 +1008,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="timed calls per implementation (default 5)")
     ap.add_argument("--size", nargs="+", choices=("small", "medium"), default=["small", "medium"])
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    ap.add_argument("--classes", nargs="+", type=int, help="fewshot-classify's class counts (default 10 1000)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compare.json")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # every workload shrunk: a correctness run
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print each side's N costliest operators")
@@ -1017,6 +1018,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = TINY if args.tiny else FULL
+    if args.classes:
+        if min(args.classes) < 2:
+            ap.error("--classes: each count must be at least 2")
+        settings = dataclasses.replace(settings, classes=tuple(args.classes))
     dtype = getattr(torch, args.dtype)
     machine = {
         "torch": torch.__version__,

@@ -2,6 +2,7 @@
 CPU gives one results file equal to a one-process run's."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -39,13 +40,24 @@ def free_port() -> int:
 )
 def test_two_processes_write_one_file_equal_to_one_process(setup, tmp_path, task, extra):
     args = ["eval", "--model", str(setup / "ckpt"), "--task", task, "--root", str(setup / "world")]
-    # batch size 1: every prompt runs alone in both runs (the same shapes), so results compare exactly
+    # batch size 1: every prompt runs alone in both runs (the same shapes), and one thread in
+    # every process (torchrun gives each worker one; a matmul's sums split over two threads
+    # round differently on some CPUs), so the two runs do the same computation: results compare exactly
     args += ["--shots", "0", "2", "--batch-size", "1", *extra]
-    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "interleaf"]
     done = subprocess.run(
-        [*command, *args, "--out", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300
+        [*command, *args, "--out", str(tmp_path / "two.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("results:") == 1  # rank 0 alone reports

@@ -32,6 +32,7 @@ from torch import nn
 from interleaf.config import FlamingoConfig
 from interleaf.hub import native
 from interleaf.images import load_image_processor
+from interleaf.model.layout import set_weight_layout
 from interleaf.model.placement import as_device, device_of, dispatch, parse_device, parse_dtype, plan_device_map
 from interleaf.model.trainable import apply_trainable
 from interleaf.model.vision import load_tower, tower_config_from_dict, tower_from_config
@@ -254,6 +255,7 @@ def load_flamingo(
         dispatch(model, device_map)
     else:
         model.to(device)
+    set_weight_layout(model)
     return model.eval()
 
 

@@ -15,6 +15,7 @@ from interleaf.generation import generate
 from interleaf.model.checkpoint import load_backbones, load_flamingo, save_flamingo
 from interleaf.model.imagegen import ImageGenerator, find_targets
 from interleaf.model.interleaved import draw_images, generate_interleaved
+from interleaf.model.layout import set_weight_layout
 from interleaf.model.lm import CrossAttentionDecoderLayer, LanguageModel, MediaContext
 from interleaf.model.loss import hidden_next_token_loss, next_token_loss
 from interleaf.model.masks import cross_attention_mask, position_ids
@@ -99,7 +100,9 @@ class Flamingo(nn.Module):
         dtype, device = parse_dtype(dtype), parse_device(device)
         lm, tokenizer, tower, image_processor = load_backbones(config, dtype=dtype)
         model = cls(config, lm=lm, vision_tower=tower, tokenizer=tokenizer, image_processor=image_processor)
-        return model.to(device=device, dtype=dtype).eval()
+        model.to(device=device, dtype=dtype)
+        set_weight_layout(model)
+        return model.eval()
 
     @classmethod
     def from_pretrained(

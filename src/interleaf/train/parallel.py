@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from interleaf.extras import MissingExtra
+from interleaf.model.layout import set_weight_layout
 from interleaf.model.lm import checkpoint_contexts, find_decoder_layers
 from interleaf.model.placement import process_device
 from interleaf.train.config import OptimConfig, TrainConfig
@@ -156,6 +157,9 @@ def wrap(model: nn.Module, d: Dist, cfg: TrainConfig) -> nn.Module:
     """Move ``model`` to this rank's device, apply activation checkpointing, and wrap it; returns
     the module to call in training (the DDP wrapper, or ``model`` itself, sharded in place)."""
     model.to(d.device)
+    # After train.dtype and the move (the fastest layout depends on both); FSDP shards each
+    # weight along its first dimension: it gets them as torch lays them.
+    set_weight_layout(model, "out-major" if d.kind == "fsdp" else "auto")
     if cfg.gradient_checkpointing:
         apply_checkpointing(model)
     if d.kind == "ddp":
