@@ -24,6 +24,21 @@ import torch.nn.functional as F
 
 SHAPES = [(512, 512), (1408, 512), (512, 1408), (32000, 512), (4096, 4096), (11008, 4096), (4096, 11008)]
 STREAM_BYTES = 128_000_000
+MAX_COPIES = 1024  # a tiny weight sits in the cache whatever: no point in millions of copies
+
+
+def shape(text: str) -> tuple[int, int]:
+    """``OUTxIN``, e.g. ``512x1408``: a weight of ``nn.Linear(IN, OUT)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 2 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OUTxIN, two whole numbers >= 2, e.g. 512x1408")
+    return int(parts[0]), int(parts[1])
+
+
+def at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -36,9 +51,9 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def run(shape: tuple[int, int], rows: int, dtype: torch.dtype, backward: bool, repeats: int) -> dict:
-    out_f, in_f = shape
-    copies = max(1, STREAM_BYTES // (out_f * in_f * dtype.itemsize))
+def run(weight: tuple[int, int], rows: int, dtype: torch.dtype, backward: bool, repeats: int) -> dict:
+    out_f, in_f = weight
+    copies = min(MAX_COPIES, max(1, STREAM_BYTES // (out_f * in_f * dtype.itemsize)))
     if backward:
         copies = min(copies, 4)  # the backward computes as much again per weight: fewer suffice
     g = torch.Generator().manual_seed(0)
@@ -70,14 +85,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
-    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 64, 512])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--shapes", nargs="+", help="out x in, e.g. 512x1408 (default: the list above)")
+    ap.add_argument("--rows", nargs="+", type=at_least_one, default=[1, 8, 64, 512])
+    ap.add_argument("--repeats", type=at_least_one, default=5)
+    default = " ".join(f"{o}x{i}" for o, i in SHAPES)
+    ap.add_argument("--shapes", nargs="+", type=shape, default=SHAPES, help=f"OUTxIN weights (default: {default})")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per weight (median of {args.repeats})")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} thread{'s' * (threads > 1)}; ms per weight (median of {args.repeats})")
     print(
         "| dtype | weight (out x in) | rows | forward: torch / (in, out) ms | ratio "
         "| fwd+bwd: torch / (in, out) ms | ratio |"
@@ -85,13 +101,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
-        for shape in shapes:
+        for weight in args.shapes:
             for rows in args.rows:
-                fwd = run(shape, rows, dtype, False, args.repeats)
-                both = run(shape, rows, dtype, True, args.repeats) if rows > 1 else None
+                fwd = run(weight, rows, dtype, False, args.repeats)
+                both = run(weight, rows, dtype, True, args.repeats) if rows > 1 else None
                 bwd = f"{both['torch_ms']:.3f} / {both['in_major_ms']:.3f} | {both['ratio']:.2f}x" if both else "- | -"
                 print(
-                    f"| {dtype_name} | {shape[0]} x {shape[1]} | {rows} | "
+                    f"| {dtype_name} | {weight[0]} x {weight[1]} | {rows} | "
                     f"{fwd['torch_ms']:.3f} / {fwd['in_major_ms']:.3f} | {fwd['ratio']:.2f}x | {bwd} |",
                     flush=True,
                 )

@@ -1008,9 +1008,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="timed calls per implementation (default 5)")
     ap.add_argument("--size", nargs="+", choices=("small", "medium"), default=["small", "medium"])
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
-    ap.add_argument("--classes", nargs="+", type=int, help="fewshot-classify's class counts (default 10 1000)")
+    ap.add_argument(
+        "--classes",
+        nargs="+",
+        type=int,
+        help="fewshot-classify's class counts, each at least its 8 demonstrations (default 10 1000; --tiny: 10 30)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compare.json")
-    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # every workload shrunk: a correctness run
+    ap.add_argument(
+        "--tiny", action="store_true", help="every workload shrunk: the agreement checks only (timings mean nothing)"
+    )
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print each side's N costliest operators")
     args = ap.parse_args()
     global PROFILE_ROWS
@@ -1019,8 +1026,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     settings = TINY if args.tiny else FULL
     if args.classes:
-        if min(args.classes) < 2:
-            ap.error("--classes: each count must be at least 2")
+        if "fewshot-classify" not in args.workload:
+            ap.error("--classes applies to --workload fewshot-classify only")
+        if min(args.classes) < settings.shots:
+            ap.error(f"--classes: each count must be at least {settings.shots}, one class per demonstration")
         settings = dataclasses.replace(settings, classes=tuple(args.classes))
     dtype = getattr(torch, args.dtype)
     machine = {

@@ -111,3 +111,12 @@ def test_training_step_keeps_the_layout_and_matches_torchs(make_model):
         updated.append([p.detach().clone() for p in trained])
     for a, b in zip(*updated, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(TypeError, match="takes a torch module .* not str"):
+        set_weight_layout("ckpt")
+    with pytest.raises(TypeError, match="takes a 2-D weight tensor .* not Linear"):
+        is_in_major(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="not a 3-D tensor"):
+        is_in_major(torch.zeros(2, 3, 4))

@@ -87,6 +87,7 @@ class Flamingo(nn.Module):
         if config.trainable.lora is not None:
             apply_lora(self.language_model, config.trainable.lora)
         self.trainable_names = apply_trainable(self, config.trainable)
+        set_weight_layout(self)  # however it is built, a model computes as a loaded one does
 
     # -- construction and checkpoints ------------------------------------------------------
 
