@@ -6,9 +6,10 @@ transposed view: same shape, same values, same module, other strides. Measured o
 development CPU (AMD EPYC, torch 2.13, one thread; ``benchmarks/bench_layout.py``): one row
 at a time (decoding at batch 1), a single weight's matmul 1.02-1.82x faster at widths 512-1408
 and for a 32,000-row output head, 0.85-1.18x at 4096-wide layers; with more rows and in the
-backward, within noise either way. Whole steps (docs/BENCHMARKS.md): the medium model's
-decode step 1.2-1.3x faster, training steps 1.09-1.17x at the small and medium sizes of
-``benchmarks/compare.py``; a small model with a tiny vocabulary gains less (1.07x). In
+backward, within noise either way. Whole steps (docs/BENCHMARKS.md): the medium model of
+``benchmarks/compare.py`` decodes 1.31x faster per token at batch 1 but 0.89x at batch 8, and
+trains 1.09-1.17x faster at the small and medium sizes; a small model with a tiny vocabulary
+gains less at batch 1 (1.07x). In
 bfloat16 the (in, out) layout is slower (0.36-0.88x at one row), and on a GPU cuBLAS reads
 either; so ``auto`` lays float32 CPU weights (in, out) and every other weight (out, in),
 torch's own layout.

@@ -157,9 +157,10 @@ def wrap(model: nn.Module, d: Dist, cfg: TrainConfig) -> nn.Module:
     """Move ``model`` to this rank's device, apply activation checkpointing, and wrap it; returns
     the module to call in training (the DDP wrapper, or ``model`` itself, sharded in place)."""
     model.to(d.device)
-    # After train.dtype and the move (the fastest layout depends on both); FSDP shards each
-    # weight along its first dimension: it gets them as torch lays them.
-    set_weight_layout(model, "out-major" if d.kind == "fsdp" else "auto")
+    # After train.dtype and the move (the fastest layout depends on both). FSDP shards each
+    # weight along its first dimension and DeepSpeed views each as bytes to broadcast and
+    # partition it: they get the weights as torch lays them.
+    set_weight_layout(model, "out-major" if d.kind in ("fsdp", "deepspeed") else "auto")
     if cfg.gradient_checkpointing:
         apply_checkpointing(model)
     if d.kind == "ddp":
