@@ -9,14 +9,13 @@ and for a 32,000-row output head, 0.85-1.18x at 4096-wide layers; with more rows
 backward, within noise either way. Whole steps (docs/BENCHMARKS.md): the medium model of
 ``benchmarks/compare.py`` decodes 1.31x faster per token at batch 1 but 0.89x at batch 8, and
 trains 1.09-1.17x faster at the small and medium sizes; a small model with a tiny vocabulary
-gains less at batch 1 (1.07x). In
-bfloat16 the (in, out) layout is slower (0.36-0.88x at one row), and on a GPU cuBLAS reads
-either; so ``auto`` lays float32 CPU weights (in, out) and every other weight (out, in),
-torch's own layout.
+gains less at batch 1 (1.07x). In bfloat16 the (in, out) layout is slower (0.36-0.88x at
+one row), and on a GPU cuBLAS reads either; so ``auto`` lays float32 CPU weights (in, out) and
+every other weight (out, in), torch's own layout.
 
 Checkpoints are unaffected (``save_pretrained`` saves the weights contiguous; ``torch.save``
-keeps the strides and loads them back); ``safetensors.torch.save_model`` on a model with shared tensors
-needs contiguous weights: call ``set_weight_layout(model, "out-major")`` first. Results differ
+keeps the strides and loads them back); ``safetensors.torch.save_model`` on a model with
+shared tensors needs contiguous weights: call ``set_weight_layout(model, "out-major")`` first. Results differ
 from the (out, in) layout's by rounding alone (the matmul sums in another order).
 """
 
