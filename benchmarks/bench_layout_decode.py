@@ -26,8 +26,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=("small", "medium"), default="medium")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
-    ap.add_argument("--repeats", type=int, default=3, choices=range(1, 101), metavar="N")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per layout (at least 1)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     size, new = C.FULL.sizes[args.size], C.FULL.decode_new
