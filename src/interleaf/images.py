@@ -9,6 +9,7 @@ message, the data pipeline counts skipped samples by its reason.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -132,3 +133,26 @@ def load_image_processor(directory: str | Path):
     if kind == OpenClipImageProcessor.__name__:
         return OpenClipImageProcessor.from_pretrained(directory)
     return AutoImageProcessor.from_pretrained(directory)
+
+
+def transform_fingerprint(image_processor: Any) -> str:
+    """A hex digest of what an image processor does to an image (its class and settings): the
+    part of a feature-cache key that is not the image itself."""
+    to_dict = getattr(image_processor, "to_dict", None)
+    settings = to_dict() if callable(to_dict) else vars(image_processor)
+    settings = {k: v for k, v in settings.items() if not k.startswith("_") and k != "processor_class"}
+    head = f"{type(image_processor).__module__}.{type(image_processor).__qualname__}"
+    text = head + json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def source_key(raw: bytes, transform: str) -> str:
+    """The identity of one image as the data pipeline knows it, before decoding: a hash of its
+    encoded bytes and of ``transform`` (:func:`transform_fingerprint` of the processor that turns
+    it into pixels). Equal keys mean equal pixel tensors; computed in the data workers, so the
+    training step never hashes pixels."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(transform.encode())
+    h.update(b"|")
+    h.update(raw)
+    return h.hexdigest()

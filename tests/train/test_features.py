@@ -7,6 +7,8 @@ Bit-identity is asserted only between runs of the same computation on the same s
 run on a batch of another size may block its matmuls differently (MKL/oneDNN, per CPU), so its
 last bits may differ there."""
 
+import copy
+import io
 import json
 
 import pytest
@@ -19,9 +21,11 @@ from interleaf.data.tinyworld import iter_train_documents
 from interleaf.model.vision import VisionEncoder
 from interleaf.processing import Processor
 from interleaf.train.config import Recipe
+from interleaf.train import features as features_module
 from interleaf.train.features import (
+    FORMAT,
     MANIFEST,
-    CachedVision,
+    CachedFeatures,
     FeatureCache,
     feature_cache,
     precompute,
@@ -87,20 +91,111 @@ def test_bit_identical_and_hits_skip_the_tower(make_model, tmp_path):
     assert_same(outputs(model, ids, mask, pixels), reference)
     assert calls.count == 0 and cache.misses == n_images
 
-    # a batch of hits and misses, straight through model.vision
-    mixed = model.vision(real)
+    # a batch of hits and misses, straight through the cache: (n, F, C, H, W) -> (n, F, P, D)
+    cached = model.feature_cache
+    mixed = cached(real[:, None])[:, 0]
     assert calls.count == 1  # the image slots no sample uses were misses, computed in one tower call
-    again = model.vision(real)  # hits only: exactly the tensors stored
+    again = cached(real[:, None])[:, 0]  # hits only: exactly the tensors stored
     assert torch.equal(again, mixed) and calls.count == 1
-    encoder = model.vision.encoder
     with torch.no_grad():
         # a hit is bit-identical to what its miss computed (the tower on the 3 real images) ...
-        assert torch.equal(mixed[:3], encoder(real[:3]))
+        assert torch.equal(mixed[:3], model.vision(real[:3]))
         # ... and the misses are computed together, in a tower batch of their own
-        assert torch.equal(mixed[3:], encoder(real[3:]))
+        assert torch.equal(mixed[3:], model.vision(real[3:]))
     # versus one tower batch of all 6: a batch of another shape, so matmul blocking differs across
     # CPUs and the last bits may too (features are O(1): float32 rounding is ~1e-6)
     torch.testing.assert_close(mixed, reference_features, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_keys_replace_pixel_hashing(make_model, tmp_path, monkeypatch):
+    """With the batch's image_keys the step hashes no pixels and copies none to the host; the keys
+    decide the entries, so two images with one key share one entry (the pipeline's promise: equal
+    keys, equal pixels)."""
+    model = make_model()
+    ids, mask, pixels = encode(model, TEXTS)
+    reference = outputs(model, ids, mask, pixels)
+    keys = [["a0", "a1"], ["b0"], []]
+    cached = use_feature_cache(model, FeatureCache.for_model(tmp_path, model))
+
+    def no_pixel_hash(*_):
+        raise AssertionError("pixels hashed although the batch carries image_keys")
+
+    monkeypatch.setattr(features_module, "image_key", no_pixel_hash)
+    model.zero_grad(set_to_none=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    for _ in range(2):  # misses, then hits: the same bits as without the cache
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, image_keys=keys)
+        out.loss.backward()
+        assert torch.equal(out.loss.detach(), reference[1])
+    assert cached.cache.misses == 3 and cached.cache.hits == 3
+    # the keys, not the pixels, name the entries: other pixels under the same keys read the stored features
+    assert torch.equal(model.encode_images(ids, pixels * 2, image_keys=keys), reference[0])
+    # keys beyond a row's images are ignored (the collator never writes them; a processor batch has slots)
+    assert torch.equal(model.encode_images(ids, pixels, image_keys=[["a0", "a1", "x"], ["b0", "y"], ["z"]]), reference[0])
+
+    for bad, match in [
+        ([["a0", "a1"], ["b0"]], "image_keys hold 2 samples for 3 samples"),
+        ([["a0"], ["b0"], []], "sample 0 has 2 <image> tokens but image_keys name 1"),
+        ([["a0", "a1"], [7], []], "sample 1 has 1 <image> tokens"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.encode_images(ids, pixels, image_keys=bad)
+    remove_feature_cache(model)
+    # without a cache the keys are not read at all
+    assert torch.equal(model.encode_images(ids, pixels, image_keys=[["bad"]]), reference[0])
+
+
+def test_collator_keys_follow_the_images(make_model, backbones):
+    """image_keys name each row's images in order, through truncation and packing; equal bytes give
+    equal keys, other bytes or another image transform other keys."""
+    from interleaf.data.collate import Collator
+    from interleaf.data.schema import Document, ImageRef, Segment
+    from interleaf.images import source_key, transform_fingerprint
+
+    model = make_model()
+    processor = Processor(model.tokenizer, model.image_processor)
+    images = [ImageRef(data=d) for d in _pngs(3)]
+
+    def doc(i, refs):
+        segs = [s for r in refs for s in (Segment(image=r), Segment(text=f" picture {i} is fine."))]
+        return Document(id=f"d{i}", segments=segs)
+
+    transform = transform_fingerprint(model.image_processor)
+    key = [source_key(r.data, transform) for r in images]
+    assert len(set(key)) == 3
+    batch = Collator(processor, CollateConfig(max_tokens=64))([doc(0, images[:2]), doc(1, [images[2], images[0]])])
+    assert batch["image_keys"] == [[key[0], key[1]], [key[2], key[0]]]
+    packed = Collator(processor, CollateConfig(max_tokens=256, pack=True))([doc(0, images[:2]), doc(1, images[2:])])
+    assert packed["image_keys"] == [[key[0], key[1], key[2]]]
+    capped = Collator(processor, CollateConfig(max_tokens=64, max_images=1))([doc(0, images[:2])])
+    assert capped["image_keys"] == [[key[0]]]
+    counts = (batch["input_ids"] == processor.ids.image).sum(-1).tolist()
+    assert counts == [len(k) for k in batch["image_keys"]]
+    other = copy.deepcopy(model.image_processor)
+    other.image_mean = [0.0, 0.0, 0.0]
+    assert transform_fingerprint(other) != transform
+    assert Collator(Processor(model.tokenizer, other))([doc(0, images[:1])])["image_keys"][0][0] != key[0]
+
+
+def _pngs(n):
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_refuses_a_cache_of_another_format(make_model, tmp_path):
+    model = make_model()
+    FeatureCache.for_model(tmp_path, model)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT - 1}))
+    with pytest.raises(ValueError, match=f"has format {FORMAT - 1}"):
+        FeatureCache.for_model(tmp_path, model)
 
 
 def test_persisted_and_read_by_a_fresh_cache(make_model, tmp_path):
@@ -169,37 +264,43 @@ def test_names_unchanged_and_unwrap_restores(make_model, tmp_path):
     params = [n for n, _ in model.named_parameters()]
     cache = FeatureCache.for_model(tmp_path, model)
     with feature_cache(model, cache) as cached:
-        assert model.vision is cached and isinstance(cached, CachedVision) and cached.encoder is encoder
+        assert model.feature_cache is cached and isinstance(cached, CachedFeatures) and cached.encoder is encoder
+        assert model.vision is encoder  # nothing swapped
         assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == params
-        assert cached.dim == encoder.dim and model.dtype == torch.float32
         model.save_pretrained(tmp_path / "ckpt")
-    assert model.vision is encoder
+    assert model.feature_cache is None and model.vision is encoder
     from safetensors.torch import load_file
 
     from interleaf.model.checkpoint import WEIGHTS, unique_state_dict
 
     assert set(load_file(str(tmp_path / "ckpt" / WEIGHTS))) == set(unique_state_dict(model))
-    use_feature_cache(model, cache)
-    use_feature_cache(model, cache)  # switching caches never nests wrappers
-    assert isinstance(remove_feature_cache(model), VisionEncoder) and model.vision is encoder
+    first = use_feature_cache(model, cache)
+    with feature_cache(model, FeatureCache.for_model(tmp_path / "other", model)) as inner:
+        assert model.feature_cache is inner
+    assert model.feature_cache is first  # the block gives back what was there before
+    assert remove_feature_cache(model) is encoder and model.feature_cache is None
+    with pytest.raises(TypeError, match="expected a Flamingo"):
+        use_feature_cache(torch.nn.Linear(2, 2), cache)
 
 
 def test_autocast_is_part_of_the_key(make_model, tmp_path):
     model = make_model()
-    pixels = torch.randn(3, 3, 32, 32)
-    fp32 = model.vision(pixels)
+    pixels = torch.randn(3, 1, 3, 32, 32)  # 3 images of one frame
+    fp32 = model.vision(pixels[:, 0])[:, None]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = model.vision(pixels)
+        reference = model.vision(pixels[:, 0])[:, None]
     assert not torch.equal(reference, fp32)  # autocast changes the bits
     cache = FeatureCache.for_model(tmp_path, model)
-    with feature_cache(model, cache):  # every call below is on the same batch of 3: bit-identical
-        assert torch.equal(model.vision(pixels), fp32) and torch.equal(model.vision(pixels), fp32)
-        assert cache.misses == 3 and cache.hits == 3  # fp32 entries
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            first, second = model.vision(pixels), model.vision(pixels)
-        assert cache.misses == 6 and cache.hits == 6
-    assert first.dtype == second.dtype == reference.dtype and torch.equal(first, reference)
-    assert torch.equal(second, reference)
+    with feature_cache(model, cache) as cached:  # every call below is on the same batch of 3: bit-identical
+        for keys in (None, ["p", "q", "r"]):  # keyed by the pixels, then by the pipeline's keys
+            assert torch.equal(cached(pixels, keys), fp32) and torch.equal(cached(pixels, keys), fp32)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                first, second = cached(pixels, keys), cached(pixels, keys)
+            assert first.dtype == second.dtype == reference.dtype and torch.equal(first, reference)
+            assert torch.equal(second, reference)
+        assert cache.misses == 12 and cache.hits == 12  # fp32 and bf16 entries, for both kinds of key
+        with pytest.raises(ValueError, match="image_keys name 2 images for 3 real images"):
+            cached(pixels, ["p", "q"])
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +322,7 @@ def recipe(backbones, shards, out_dir, **train) -> Recipe:
     )
 
 
-def test_training_with_the_cache_matches(backbones, make_model, shards, tmp_path):
+def test_training_with_the_cache_matches(backbones, make_model, shards, tmp_path, monkeypatch):
     rec = recipe(backbones, shards, tmp_path / "plain")
     processor = Processor.from_backbones(rec.model.lm.source, rec.model.vision.source)
     plain = train(rec, model=make_model(), processor=processor)["losses"]
@@ -243,9 +344,11 @@ def test_training_with_the_cache_matches(backbones, make_model, shards, tmp_path
     assert cached.cache.hits > 0 and cached.cache.misses > 0
 
     # a second run over the same data, asked for by the recipe: hits only, the tower never runs,
-    # and the model is handed back with its own encoder
+    # no pixel is hashed (the loader's batches carry image_keys), and the model is handed back
+    # without the cache
+    monkeypatch.setattr(features_module, "image_key", lambda *_: pytest.fail("pixels hashed in training"))
     model = make_model()
     encoder, calls = model.vision, TowerCalls(model)
     rec = recipe(backbones, shards, tmp_path / "hits", feature_cache=str(tmp_path / "feats"))
     assert train(rec, model=model, processor=processor)["losses"] == close  # features of other batches, as above
-    assert calls.count == 0 and model.vision is encoder
+    assert calls.count == 0 and model.vision is encoder and model.feature_cache is None

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from interleaf.data.schema import DataError, Document, SkipCounter
+from interleaf.data.schema import DataError, Document, SkipCounter, decode_image
+from interleaf.images import source_key, transform_fingerprint
 from interleaf.model.masks import IGNORE_INDEX
 from interleaf.processing import render_chat
 from interleaf.tokens import special_prefix_ids
@@ -50,21 +51,30 @@ class Encoded:
     labels: list[int] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
     image_starts: list[int] = field(default_factory=list)  # where each image's tokens begin
+    image_keys: list[str] = field(default_factory=list)  # each image's source key (images.source_key)
 
     def add(self, ids: list[int], learn: bool) -> None:
         self.ids += ids
         self.labels += ids if learn else [IGNORE] * len(ids)
 
+    def add_image(self, image: Image.Image, key: str, image_ids: list[int]) -> None:
+        """An image and its tokens (never learned)."""
+        self.image_starts.append(len(self.ids))
+        self.images.append(image)
+        self.image_keys.append(key)
+        self.add(image_ids, learn=False)
+
     def cut(self, length: int) -> Encoded:
         """The first ``length`` tokens, with the images whose tokens lie entirely inside."""
-        keep = [i for i, s in enumerate(self.image_starts) if s < length]
-        return Encoded(
-            self.ids[:length], self.labels[:length], self.images[: len(keep)], self.image_starts[: len(keep)]
-        )
+        n = sum(1 for s in self.image_starts if s < length)
+        ids, labels = self.ids[:length], self.labels[:length]
+        return Encoded(ids, labels, self.images[:n], self.image_starts[:n], self.image_keys[:n])
 
 
 class Collator:
-    """``collator(docs) -> {"input_ids", "attention_mask", "labels", "pixel_values"}``."""
+    """``collator(docs) -> {"input_ids", "attention_mask", "labels", "pixel_values", "image_keys"}``;
+    ``image_keys[b]`` names row b's images (:func:`interleaf.images.source_key`: their encoded
+    bytes and the processor's transform), which the frozen-feature cache looks features up by."""
 
     def __init__(self, processor, cfg: CollateConfig = CollateConfig(), counter: SkipCounter | None = None):
         self.processor, self.cfg = processor, cfg
@@ -76,6 +86,7 @@ class Collator:
         self.bos = special_prefix_ids(tok)  # what the processor's prompts start with too
         self.eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         self.begin_of_image = processor.tokens.begin_of_image
+        self.transform = transform_fingerprint(processor.image_processor)
 
     def text_ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -85,7 +96,8 @@ class Collator:
     def encode(self, doc: Document) -> Encoded | None:
         """Tokens, labels and decoded images of one document; None (counted) if unusable."""
         try:
-            images = [ref.load() for ref in doc.images]
+            raws = [ref.raw() for ref in doc.images]
+            images = [(decode_image(raw), source_key(raw, self.transform)) for raw in raws]
         except DataError as e:
             self.counter.skip(e.reason, f"document {doc.id!r}", str(e))
             return None
@@ -97,7 +109,7 @@ class Collator:
         self.counter.ok()
         return enc
 
-    def _interleaved(self, doc: Document, images: list[Image.Image]) -> Encoded:
+    def _interleaved(self, doc: Document, images: list[tuple[Image.Image, str]]) -> Encoded:
         if self.begin_of_image and any(self.begin_of_image in (s.text or "") for s in doc.segments):
             return self._drawn(doc, images)
         enc = Encoded()
@@ -110,9 +122,7 @@ class Collator:
                     break  # later images and their text are dropped together
                 if chunk_open:
                     enc.add(self.eoc, learn=True)
-                enc.image_starts.append(len(enc.ids))
-                enc.images.append(next(pictures))
-                enc.add(self.image_ids, learn=False)
+                enc.add_image(*next(pictures), self.image_ids)
                 chunk_open = True
             else:
                 enc.add(self.text_ids(segment.text), learn=chunk_open)
@@ -121,7 +131,7 @@ class Collator:
         enc.add(self.eos, learn=False)
         return enc
 
-    def _drawn(self, doc: Document, images: list[Image.Image]) -> Encoded:
+    def _drawn(self, doc: Document, images: list[tuple[Image.Image, str]]) -> Encoded:
         """A document that writes its images (MM-Interleaved): an image follows the text that
         announces it with the begin-of-image token. All its text is learned, the EOS too (the
         model learns to write the text, to announce an image and to end); no <|endofchunk|>."""
@@ -132,15 +142,13 @@ class Collator:
             if segment.image is not None:
                 if len(enc.images) == self.cfg.max_images:
                     break
-                enc.image_starts.append(len(enc.ids))
-                enc.images.append(next(pictures))
-                enc.add(self.image_ids, learn=False)
+                enc.add_image(*next(pictures), self.image_ids)
             else:
                 enc.add(self.text_ids(segment.text), learn=True)
         enc.add(self.eos, learn=True)
         return enc
 
-    def _chat(self, doc: Document, images: list[Image.Image]) -> Encoded:
+    def _chat(self, doc: Document, images: list[tuple[Image.Image, str]]) -> Encoded:
         """Assistant turns are learned; everything else is context."""
         messages = _messages(doc, self.processor.tokens.image)
         enc = Encoded()
@@ -164,9 +172,7 @@ class Collator:
         image = self.processor.tokens.image
         for i, piece in enumerate(text.split(image)):
             if i > 0:
-                enc.image_starts.append(len(enc.ids))
-                enc.images.append(next(pictures))
-                enc.add(self.image_ids, learn=False)
+                enc.add_image(*next(pictures), self.image_ids)
             if piece:
                 enc.add(self.text_ids(piece), learn=learn)
 
@@ -203,8 +209,13 @@ class Collator:
                 row.labels += enc.labels
                 row.images += enc.images
                 row.image_starts += [s + offset for s in enc.image_starts]
+                row.image_keys += enc.image_keys
             else:
-                rows.append(Encoded(list(enc.ids), list(enc.labels), list(enc.images), list(enc.image_starts)))
+                rows.append(
+                    Encoded(
+                        list(enc.ids), list(enc.labels), list(enc.images), list(enc.image_starts), list(enc.image_keys)
+                    )
+                )
         return rows
 
     def _tensors(self, rows: list[Encoded]) -> dict[str, torch.Tensor]:
@@ -223,6 +234,7 @@ class Collator:
             "attention_mask": mask,
             "labels": labels,
             "pixel_values": self.processor.pixel_values([row.images for row in rows]),
+            "image_keys": [row.image_keys for row in rows],
         }
 
 

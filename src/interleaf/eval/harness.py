@@ -115,10 +115,14 @@ def answer_text(raw: str, spec: TaskSpec) -> str:
     return trim_at_stop(raw, (*spec.stop_strings, "<|endofchunk|>", "\n")).strip()
 
 
+def batch_to(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device``; its other values (``image_keys``) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def to_model(model, batch) -> dict:
     """The processor's tensors on the model's device (the processor works on the CPU)."""
-    device = model.device  # where token inputs go (the first block of a model over several GPUs)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch_to(batch, model.device)  # where token inputs go (the first block of a model over several GPUs)
 
 
 def evaluate(

@@ -6,22 +6,26 @@ compute them once, read them afterwards.
     with feature_cache(model, cache):                  # or use_feature_cache / remove_feature_cache
         train(recipe, model=model)
 
-The seam is ``Flamingo.vision``, the module that ``encode_images`` calls on the real images
-``(n, C, H, W)``: :func:`use_feature_cache` replaces it with a :class:`CachedVision` of the same
-call signature. The wrapper registers the encoder's own children (``tower``, ...) under their
-own names, so ``model.state_dict()`` keys, ``model.parameters()`` and checkpoints are unchanged.
+The seam is explicit: ``Flamingo.feature_cache`` (None by default), which
+``encode_images`` asks for the features of a batch's real images instead of calling
+``model.vision``. :func:`use_feature_cache` sets it to a :class:`CachedFeatures`; no module is
+swapped, so names, ``model.parameters()`` and checkpoints are unchanged.
 
-An entry's key hashes what the encoder would receive (the image's pixel tensor: bytes, dtype and
-shape) and the numeric context (device type, autocast dtype); the cache's manifest holds a
+An image's key comes from the data pipeline: the collator hashes each image's encoded bytes
+with a fingerprint of the processor's transform (:func:`interleaf.images.source_key`), in the
+data workers, and hands the keys over with the batch (``image_keys``); the training step then
+neither hashes pixels nor copies them to the host. The entry key adds the numeric context
+(device type, autocast dtype). Batches without keys (prompts straight from the processor) fall
+back to a hash of each image's pixel tensor (bytes, dtype, shape). The cache's manifest holds a
 fingerprint of the encoder (tower class and config, ``vision.layer/post_layernorm/drop_cls``, a
 hash of every weight), so a hit returns the bytes that the same encoder computed on the same
-input. Entries are one safetensors file each under ``<dir>/<2 hex>/<key>.safetensors``, written
-atomically (temp file + rename), so ranks and runs may share a directory; a bounded in-memory LRU
-sits in front. A miss is computed with the other misses of its batch, and a hit returns exactly
-those bytes. Against features computed in a batch of another shape they agree to rounding only:
-matmul kernels block by batch shape (on some CPUs, e.g. MKL's AVX2 path on AMD, and on GPUs), so
-the last bits may differ (measured: 5e-7 on features of size ~4); losses agree to ~1e-7
-relative.
+input. Entries (one image's (F, P, D) features) are one safetensors file each under
+``<dir>/<2 hex>/<key>.safetensors``, written atomically (temp file + rename), so ranks and runs
+may share a directory; a bounded in-memory LRU sits in front. A miss is computed with the other
+misses of its batch, and a hit returns exactly those bytes. Against features computed in a batch
+of another shape they agree to rounding only: matmul kernels block by batch shape (on some CPUs,
+e.g. MKL's AVX2 path on AMD, and on GPUs), so the last bits may differ (measured: 5e-7 on
+features of size ~4); losses agree to ~1e-7 relative.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from interleaf.data.collate import CollateConfig, Collator
 from interleaf.data.schema import Document
 from interleaf.model.vision import VisionEncoder
 
-FORMAT = 1
+FORMAT = 2  # 2: an entry is one image's (F, P, D) features, keyed by the pipeline's image key
 MANIFEST = "manifest.json"
 _SUFFIX = ".safetensors"
 # The tower config keys that name or describe a file, not the computation.
@@ -65,14 +69,12 @@ def _bytes(t: Tensor) -> memoryview:
 
 
 def _encoder_of(obj: nn.Module) -> VisionEncoder:
-    """The :class:`VisionEncoder` of a Flamingo, a :class:`CachedVision`, or itself."""
-    if isinstance(obj, CachedVision):
-        return obj.encoder
+    """The :class:`VisionEncoder` of a Flamingo, or itself."""
     if isinstance(obj, VisionEncoder):
         return obj
     vision = getattr(obj, "vision", None)
-    if isinstance(vision, (VisionEncoder, CachedVision)):
-        return _encoder_of(vision)
+    if isinstance(vision, VisionEncoder):
+        return vision
     raise TypeError(f"expected a Flamingo or a VisionEncoder, got {type(obj).__name__}")
 
 
@@ -251,20 +253,31 @@ def _atomic_write(path: Path, write) -> None:
 # -- the seam ---------------------------------------------------------------------------------
 
 
-def check_cacheable(encoder: VisionEncoder) -> None:
+def _dropout_modules(encoder: VisionEncoder) -> tuple[nn.Dropout, ...]:
+    return tuple(m for m in encoder.tower.modules() if isinstance(m, nn.Dropout))
+
+
+def _active_dropout(encoder: VisionEncoder, modules: Iterable[nn.Dropout]) -> dict[str, float]:
+    """The dropout rates > 0 of the tower's config and of its ``nn.Dropout`` modules."""
+    config = getattr(encoder.tower, "config", None)
+    rates = {k: v for k, v in vars(config).items() if "dropout" in k and isinstance(v, float)} if config else {}
+    rates |= {f"{type(m).__name__}#{i}": m.p for i, m in enumerate(modules)}
+    return {k: v for k, v in rates.items() if v > 0}
+
+
+def check_cacheable(encoder: VisionEncoder, *, params: Iterable[Tensor] | None = None, dropouts=None) -> None:
     """Raise ValueError unless ``encoder`` is a pure function of its input: no parameter trains,
-    and no dropout is active."""
-    trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
-    if trainable:
+    and no dropout is active. ``params`` / ``dropouts``: the encoder's parameters and dropout
+    modules, collected once by the caller (what :class:`CachedFeatures` does at each forward)."""
+    params = encoder.parameters() if params is None else params
+    if any(p.requires_grad for p in params):
+        trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
         raise ValueError(
             f"the vision encoder is trainable ({len(trainable)} parameters, e.g. {trainable[0]}): its features "
             "change as it trains and cannot be cached; freeze it (trainable.vision=false) or drop the feature cache"
         )
     if encoder.tower.training:
-        config = getattr(encoder.tower, "config", None)
-        rates = {k: v for k, v in vars(config).items() if "dropout" in k and isinstance(v, float)} if config else {}
-        rates |= {n: m.p for n, m in encoder.tower.named_modules() if isinstance(m, nn.Dropout)}
-        active = {k: v for k, v in rates.items() if v > 0}
+        active = _active_dropout(encoder, _dropout_modules(encoder) if dropouts is None else dropouts)
         if active:
             raise ValueError(
                 f"the vision encoder is in training mode with dropout {active}: its features are random and "
@@ -272,98 +285,101 @@ def check_cacheable(encoder: VisionEncoder) -> None:
             )
 
 
-class CachedVision(nn.Module):
-    """``model.vision`` with a feature cache: pixel values (n, C, H, W) -> features (n, P, D),
-    looked up per image; misses go through the wrapped :class:`VisionEncoder` (``.encoder``) in
-    one batch and are stored. Holds the encoder's children under their own names, so the
-    parameter and state-dict names of a model are those of the unwrapped one."""
+class CachedFeatures:
+    """What ``Flamingo.feature_cache`` holds: the vision features of the real images of a batch,
+    looked up in ``cache`` and computed by ``encoder`` (``model.vision``, never replaced) for the
+    misses only, in one batch, then stored.
+
+    An image's entry key is its key from the data pipeline (the batch's ``image_keys``:
+    :func:`interleaf.images.source_key`, a hash of its encoded bytes and of the processor's
+    transform, computed in the data workers) and the numeric context. A batch without
+    ``image_keys`` (prompts from the processor) is keyed by its pixels instead
+    (:func:`image_key`), which costs a hash of every image and, on a GPU, a copy to the host.
+    The encoder's parameters and dropout modules are collected once; each forward checks that
+    none has started to train (a loop over a tuple, not a walk of the modules).
+    """
 
     def __init__(self, encoder: VisionEncoder, cache: FeatureCache):
-        super().__init__()
         if not isinstance(encoder, VisionEncoder):
-            raise TypeError(f"CachedVision wraps a VisionEncoder, got {type(encoder).__name__}")
-        check_cacheable(encoder)
-        object.__setattr__(self, "encoder", encoder)  # not a child: no 'encoder.' prefix in names
-        for name, child in encoder.named_children():
-            self.add_module(name, child)
-        for name, param in encoder.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in encoder.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name not in encoder._non_persistent_buffers_set)
-        self.cache = cache
-        self.training = encoder.training  # the flag only: the tower keeps its own mode
+            raise TypeError(f"a feature cache serves a VisionEncoder, got {type(encoder).__name__}")
+        self.encoder, self.cache = encoder, cache
+        self._params = tuple(encoder.parameters())
+        self._dropouts = _dropout_modules(encoder)
+        check_cacheable(encoder, params=self._params, dropouts=self._dropouts)
 
-    @property
-    def dim(self) -> int:
-        return self.encoder.dim
+    def keys(self, pixels: Tensor, image_keys: list[str] | None) -> list[str]:
+        """Each image's entry key (see the class)."""
+        context = numeric_context(pixels.device)
+        if image_keys is None:
+            return [image_key(image, context) for image in pixels.detach().cpu()]
+        return [hashlib.blake2b(f"{k}|{context}".encode(), digest_size=20).hexdigest() for k in image_keys]
 
-    @property
-    def cfg(self):
-        return self.encoder.cfg
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        check_cacheable(self.encoder)
-        if pixel_values.requires_grad:  # gradients with respect to the pixels: nothing to cache
-            return self.encoder(pixel_values)
-        context = numeric_context(pixel_values.device)
-        host = pixel_values.detach().cpu()
-        keys = [image_key(image, context) for image in host]
+    def __call__(self, pixels: Tensor, image_keys: list[str] | None = None) -> Tensor:
+        """(n, F, C, H, W) pixels of n real images (``image_keys``: their n keys, or None) ->
+        (n, F, P, D) features."""
+        check_cacheable(self.encoder, params=self._params, dropouts=self._dropouts)
+        if pixels.requires_grad:  # gradients with respect to the pixels: nothing to cache
+            return self._encode(pixels)
+        if image_keys is not None and len(image_keys) != len(pixels):
+            raise ValueError(f"image_keys name {len(image_keys)} images for {len(pixels)} real images")
+        keys = self.keys(pixels, image_keys)
         found = [self.cache.get(key) for key in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if len(missing) == len(keys):
-            features = self.encoder(pixel_values)
+            features = self._encode(pixels)
             for key, f in zip(keys, features):
                 self.cache.put(key, f)
             return features
         hits = [i for i, f in enumerate(found) if f is not None]
         first = found[hits[0]]
-        out = torch.empty((len(keys), *first.shape), dtype=first.dtype, device=pixel_values.device)
-        out[hits] = torch.stack([found[i] for i in hits]).to(pixel_values.device)
+        out = torch.empty((len(keys), *first.shape), dtype=first.dtype, device=pixels.device)
+        out[hits] = torch.stack([found[i] for i in hits]).to(pixels.device)
         if missing:
-            computed = self.encoder(pixel_values[missing])
+            computed = self._encode(pixels[missing])
             for i, f in zip(missing, computed):
                 self.cache.put(keys[i], f)
             out[missing] = computed
         return out
 
+    def _encode(self, pixels: Tensor) -> Tensor:
+        n, frames = pixels.shape[:2]
+        return self.encoder(pixels.flatten(0, 1)).unflatten(0, (n, frames))
 
-def use_feature_cache(model: nn.Module, cache: FeatureCache) -> CachedVision:
-    """Route ``model.vision`` (a Flamingo's) through ``cache``; returns the wrapper. Raises
+
+def use_feature_cache(model: nn.Module, cache: FeatureCache) -> CachedFeatures:
+    """Serve the vision features of ``model`` (a Flamingo) from ``cache``: sets
+    ``model.feature_cache``; ``model.vision`` and every parameter name stay as they are. Raises
     ValueError if the cache belongs to another encoder or the encoder is not frozen. A model that
     already uses a cache switches to ``cache``. Undo with :func:`remove_feature_cache`."""
-    encoder = remove_feature_cache(model)
-    fingerprint = vision_fingerprint(encoder)
+    if not hasattr(model, "feature_cache"):
+        raise TypeError(f"expected a Flamingo (with a feature_cache seam), got {type(model).__name__}")
+    fingerprint = vision_fingerprint(model)
     if fingerprint != cache.fingerprint:
         raise ValueError(
             f"feature cache {cache.directory} is for another vision encoder (fingerprint "
             f"{cache.fingerprint[:12]}, this model's is {fingerprint[:12]})"
         )
-    wrapper = CachedVision(encoder, cache)
-    model.vision = wrapper
-    return wrapper
+    model.feature_cache = CachedFeatures(model.vision, cache)
+    return model.feature_cache
 
 
 def remove_feature_cache(model: nn.Module) -> VisionEncoder:
-    """Put the original encoder back as ``model.vision`` (no-op without a cache); return it."""
-    vision = model.vision
-    if isinstance(vision, CachedVision):
-        vision.encoder.training = vision.training
-        model.vision = vision.encoder
+    """Compute the vision features again (no-op without a cache); return ``model.vision``."""
+    if getattr(model, "feature_cache", None) is not None:
+        model.feature_cache = None
     return model.vision
 
 
 @contextmanager
-def feature_cache(model: nn.Module, cache: FeatureCache) -> Iterator[CachedVision]:
+def feature_cache(model: nn.Module, cache: FeatureCache) -> Iterator[CachedFeatures]:
     """``with feature_cache(model, cache) as cached:`` the model reads features from ``cache``
-    inside the block and its own encoder after (also on error)."""
-    previous = model.vision
-    wrapper = use_feature_cache(model, cache)
+    inside the block; after it (also on error) the model uses whatever it used before."""
+    previous = getattr(model, "feature_cache", None)
+    cached = use_feature_cache(model, cache)
     try:
-        yield wrapper
+        yield cached
     finally:
-        remove_feature_cache(model)
-        if isinstance(previous, CachedVision):
-            model.vision = previous
+        model.feature_cache = previous
 
 
 # -- filling a cache --------------------------------------------------------------------------
@@ -423,7 +439,7 @@ def precompute(
             pixel_values = batch["pixel_values"]
             pixel_values = None if pixel_values is None else pixel_values.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                model.encode_images(input_ids, pixel_values)
+                model.encode_images(input_ids, pixel_values, image_keys=batch.get("image_keys"))
             batches += 1
             images += int((input_ids == model.ids.image).sum())
             bar.update(1)
