@@ -60,6 +60,34 @@ def test_attention_respects_visibility():
     assert torch.equal(b(x, b.project_media(other), visible), y)
 
 
+@pytest.mark.parametrize("qk_norm", [None, "rmsnorm"])
+def test_decoding_step_reads_only_the_visible_image(qk_norm):
+    """One new token per sample (a decoding step), media_attention="last": the block gathers the
+    one image a token sees instead of masking the batch's others; the same values as the masked
+    attention (summed over fewer exact zeros: float32 rounding, ~1e-7 at these sizes), and a token
+    that sees no image gets none."""
+    b = block(qk_norm=qk_norm)
+    with torch.no_grad():
+        b.attn_gate.fill_(1.5)
+    torch.manual_seed(1)
+    media = torch.randn(3, 4, 5, MEDIA_DIM)  # 3 samples, 4 images of 5 latents
+    visible = torch.zeros(3, 1, 4, dtype=torch.bool)
+    visible[0, 0, 2] = visible[1, 0, 0] = True  # sample 2 sees nothing
+    x = torch.randn(3, 1, DIM)
+    kv = b.project_media(media)
+    fast = b(x, kv, visible)
+    b.one_image = False  # the masked attention over all 4 images
+    masked = b(x, kv, visible)
+    torch.testing.assert_close(fast, masked, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fast[2], masked[2])  # no image: the attention adds exactly zero on both paths
+    b.one_image = True
+    other = media.clone()
+    other[0, [0, 1, 3]] = torch.randn(3, 5, MEDIA_DIM)  # images no token reads
+    other[1, 1:] = torch.randn(3, 5, MEDIA_DIM)
+    other[2] = torch.randn(4, 5, MEDIA_DIM)
+    assert torch.equal(b(x, b.project_media(other), visible), fast)
+
+
 def test_text_only_batch_applies_only_feed_forward():
     b = block()
     with torch.no_grad():

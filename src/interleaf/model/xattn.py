@@ -29,6 +29,7 @@ class GatedCrossAttentionBlock(nn.Module):
         hidden = cfg.ff_dim or cfg.ff_mult * dim
         self.ff = FeedForward(dim, hidden, cfg.activation, norm=cfg.norm, gated=cfg.gated_ff, eps=cfg.norm_eps)
         self.ff_gate = gate_parameter(cfg.gate, dim)
+        self.one_image = cfg.media_attention == "last"  # a token sees at most one image
 
     def project_media(self, media: Tensor) -> MediaKV:
         """media: (B, N, L, Dv) resampled latents -> this block's keys and values.
@@ -54,6 +55,13 @@ class GatedCrossAttentionBlock(nn.Module):
     def _attend(self, x: Tensor, media: MediaKV, visible: Tensor) -> Tensor:
         latents_per_image = media.k.shape[2] // visible.shape[-1]
         has_media = visible.any(-1, keepdim=True)  # (B, T, 1)
+        if self.one_image and x.shape[1] == 1 and visible.shape[-1] > 1:
+            # a decoding step: each sample's token reads one image's latents, gathered, not the
+            # whole batch's images behind a mask (the masked-out keys weigh exactly zero)
+            image = visible[:, 0].to(torch.uint8).argmax(-1)  # (B,): 0 where none is visible
+            rows = torch.arange(len(image), device=image.device)
+            k, v = (t.unflatten(2, (-1, latents_per_image))[rows, :, image] for t in media)  # (B, H, L, d)
+            return self.attn.attend(self.attn.query(self.norm(x)), k, v) * has_media
         # A row with nothing visible would be a fully masked softmax: open it, then zero it.
         mask = visible | ~has_media
         mask = repeat(mask, "b t n -> b 1 t (n l)", l=latents_per_image)
