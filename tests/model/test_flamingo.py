@@ -67,6 +67,38 @@ def test_padding_images_never_reach_the_vision_encoder(make_model):
     assert calls == [int(counts.sum())]
 
 
+def test_on_a_cpu_the_tower_takes_a_few_images_at_a_time(make_model, monkeypatch):
+    """VisionEncoder.cpu_chunk: the images go through the tower in chunks whose hidden state fits
+    CPU_CHUNK_FLOATS; each image's features are its own (a chunk of another size may round its
+    matmuls differently: float32 rounding, features of size ~1)."""
+    import interleaf.model.vision as vision
+
+    model = make_model()
+    pixels = torch.randn(7, 3, 32, 32)
+    whole = model.vision(pixels)
+    per_image = (model.vision.num_tokens + 1) * model.vision.dim
+    monkeypatch.setattr(vision, "CPU_CHUNK_FLOATS", 3 * per_image)  # 3 images per tower call
+    sizes = []
+    handle = model.vision.tower.register_forward_hook(lambda m, i, o: sizes.append(o[0].shape[0]))
+    chunked = model.vision(pixels)
+    handle.remove()
+    assert sizes == [3, 3, 1] and model.vision.cpu_chunk(pixels) == 3
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(chunked[:3], model.vision(pixels[:3]))  # the same computation: the same bits
+    # the model's encoding: tower and resampler chunk by chunk, each sample's latents in place
+    ids, mask, batch_pixels = encode(model, TEXTS, images_per_sample=3)
+    monkeypatch.setattr(vision, "CPU_CHUNK_FLOATS", 2 * per_image)
+    resampled = []
+    handle = model.resampler.register_forward_hook(lambda m, i, o: resampled.append(o.shape[0]))
+    chunked = model.encode_images(ids, batch_pixels)
+    monkeypatch.setattr(vision, "CPU_CHUNK_FLOATS", 1 << 30)
+    torch.testing.assert_close(chunked, model.encode_images(ids, batch_pixels), rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert resampled == [2, 1, 3]  # 3 real images in chunks of 2, then all at once
+    monkeypatch.setattr(vision, "CPU_CHUNK_FLOATS", 1)
+    assert model.vision.cpu_chunk(pixels) == 1  # never zero images per call
+
+
 def test_a_sample_alone_equals_it_in_a_batch(make_model):
     model = make_model()
     ids, mask, pixels = encode(model, TEXTS)

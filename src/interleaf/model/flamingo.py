@@ -67,6 +67,9 @@ class Flamingo(nn.Module):
         self.ids = token_ids(tokenizer, config.tokens)
 
         self.vision = VisionEncoder(vision_tower, config.vision)
+        # the frozen-feature cache, when one is attached (interleaf.train.features.use_feature_cache):
+        # a callable (n, F, C, H, W) pixels, n keys or None -> (n, F, P, D) features
+        self.feature_cache = None
         self.resampler = build_resampler(self.vision.dim, config.resampler)
         xcfg = config.cross_attention
         lm_vocab = lm.get_input_embeddings().num_embeddings
@@ -131,17 +134,26 @@ class Flamingo(nn.Module):
 
     # -- the forward pass ------------------------------------------------------------------
 
-    def encode_images(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor | None:
+    def encode_images(
+        self, input_ids: Tensor, pixel_values: Tensor | None, image_keys: list[list[str]] | None = None
+    ) -> Tensor | None:
         """(B, N, L, D) resampled latents of each sample's real images, None if there are none.
 
         A sample's real images are its first ``count(<image> in input_ids)`` slots of
         ``pixel_values`` (B, N_max, C, H, W) or, for video, (B, N_max, F, C, H, W); padding
-        slots never reach the vision encoder.
+        slots never reach the vision encoder. ``image_keys`` (a batch's, from the data pipeline's
+        collator: row b names its images) serve the frozen-feature cache, when the model has one
+        (``feature_cache``; see ``interleaf.train.features``), and are ignored otherwise.
         """
-        return self.encode_images_and_features(input_ids, pixel_values, features=False)[0]
+        return self.encode_images_and_features(input_ids, pixel_values, features=False, image_keys=image_keys)[0]
 
     def encode_images_and_features(
-        self, input_ids: Tensor, pixel_values: Tensor | None, *, features: bool = True
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        *,
+        features: bool = True,
+        image_keys: list[list[str]] | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         """The resampled latents of :meth:`encode_images` and (``features``; else None) the
         vision encoder's features they were resampled from, (B, N, F P, D) (the patch grid of
@@ -172,13 +184,23 @@ class Flamingo(nn.Module):
         real = torch.arange(n_max, device=input_ids.device) < counts[:, None]  # (B, n_max)
         pixels = pixel_values[:, :n_max][real]  # (n, F, C, H, W)
         n, frames = pixels.shape[:2]
-        encoded = self.vision(pixels.flatten(0, 1).to(self.dtype))  # (n F, P, D)
-        encoded = encoded.unflatten(0, (n, frames))  # (n, F, P, D)
-        if self.resampler is not None:
-            position = torch.arange(n_max, device=input_ids.device).expand_as(real)[real]
-            latents = self.resampler(encoded, position)  # (n, L, D)
-        else:
-            latents = encoded.flatten(1, 2)  # (n, F P, D)
+        pixels = pixels.to(self.dtype)
+        keys = _real_keys(image_keys, counts) if self.feature_cache is not None else None
+        position = torch.arange(n_max, device=input_ids.device).expand_as(real)[real]
+        # on a CPU, a few images at a time through the tower and the resampler (their work then
+        # stays in cache: VisionEncoder.cpu_chunk); all of them at once on an accelerator
+        chunk = max(1, self.vision.cpu_chunk(pixels.flatten(0, 1)) // frames)
+        encoded, latents = [], []
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            if self.feature_cache is not None:
+                enc = self.feature_cache(pixels[part], None if keys is None else keys[part])  # (c, F, P, D)
+            else:
+                enc = self.vision(pixels[part].flatten(0, 1)).unflatten(0, (-1, frames))  # (c, F, P, D)
+            encoded.append(enc)
+            # (c, L, D) resampled, or (c, F P, D) the features themselves
+            latents.append(enc.flatten(1, 2) if self.resampler is None else self.resampler(enc, position[part]))
+        encoded, latents = (torch.cat(x) if len(x) > 1 else x[0] for x in (encoded, latents))
         return _per_sample(latents, real), (_per_sample(encoded.flatten(1, 2), real) if features else None)
 
     def prepare_media(self, input_ids: Tensor, pixel_values: Tensor | None) -> Media | None:
@@ -216,6 +238,7 @@ class Flamingo(nn.Module):
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
         *,
+        image_keys: list[list[str]] | None = None,
         z_loss_weight: float = 0.0,
         return_logits: bool = True,
     ) -> FlamingoOutput:
@@ -229,7 +252,9 @@ class Flamingo(nn.Module):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         gen = self.config.image_generation
         patches = labels is not None and gen is not None and gen.mmfs_features == "patches"
-        latents, features = self.encode_images_and_features(input_ids, pixel_values, features=patches)
+        latents, features = self.encode_images_and_features(
+            input_ids, pixel_values, features=patches, image_keys=image_keys
+        )
         out = self.step(input_ids, history_ids=input_ids, attention_mask=attention_mask, media=self.media(latents))
         hidden, lm = out.last_hidden_state, self.language_model
         if labels is not None and not return_logits:
@@ -335,6 +360,22 @@ class Flamingo(nn.Module):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _real_keys(image_keys: list[list[str]] | None, counts: Tensor) -> list[str] | None:
+    """The keys of the real images, sample by sample (row b's first ``counts[b]``); None if none
+    were given. Raises ValueError naming the sample whose row is short."""
+    if image_keys is None:
+        return None
+    counts = counts.tolist()
+    if len(image_keys) != len(counts):
+        raise ValueError(f"image_keys hold {len(image_keys)} samples for {len(counts)} samples in input_ids")
+    keys: list[str] = []
+    for sample, (row, count) in enumerate(zip(image_keys, counts)):
+        if len(row) < count or not all(isinstance(k, str) for k in row[:count]):
+            raise ValueError(f"sample {sample} has {count} <image> tokens but image_keys name {len(row)}: {row!r}")
+        keys += row[:count]
+    return keys
 
 
 def _per_sample(x: Tensor, real: Tensor) -> Tensor:
