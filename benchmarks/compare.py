@@ -28,7 +28,9 @@ Workloads (``--workload``, default all; ``--size`` picks the sizes of decode and
   images): one step = forward with labels + backward + AdamW step, in two modes: ``frozen`` (only
   the resampler and the gated cross-attention train, as in Flamingo) and ``full`` (everything the
   peer's code can train: OpenFlamingo encodes images under ``torch.no_grad()``, so with it the
-  vision tower stays frozen on both sides).
+  vision tower stays frozen on both sides). interleaf's step is timed twice: stepping after the
+  backward (as the peers do) and with ``optim.in_backward`` (each weight stepped as soon as its
+  gradient is complete, the gradient then freed: the same AdamW arithmetic, less memory).
 - ``decode``: a 64-token prompt (random text tokens, 1 or 8 images written in each peer's format),
   batch 1 or 8, then 32 greedy tokens. IDEFICS decodes with transformers' ``generate``;
   OpenFlamingo's ``generate`` does not run on transformers 5 (its prefill fails:
@@ -135,6 +137,7 @@ from interleaf.data.shards import expand, write_shards
 from interleaf.eval.ranking import rank_candidates
 from interleaf.model.trainable import apply_trainable
 from interleaf.tiny import CORPUS, build_lm, build_tokenizer, build_vision
+from interleaf.train.optim import step_in_backward
 
 sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))  # imported by open_flamingo's factory only
 from open_flamingo.src import flamingo as of_flamingo  # noqa: E402
@@ -760,6 +763,25 @@ def train_step(model: nn.Module, loss: Callable[[], Tensor]) -> Callable[[], flo
     return step
 
 
+def train_step_in_backward(model: nn.Module, loss: Callable[[], Tensor]) -> Callable[[], float]:
+    """The same step with ``optim.in_backward`` (``interleaf.train.optim.step_in_backward``): the
+    same AdamW, each weight stepped as soon as its gradient is complete, that gradient then freed.
+    The hooks live for the step only, so the other interleaf side (the same model) is unaffected."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> float:
+        hooks = step_in_backward(optimizer)
+        try:
+            value = loss()
+            value.backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return value.item()
+
+    return step
+
+
 def train_workload(run: Run, workload: str) -> list[dict]:
     size_name, batch, tokens, images = run.settings.train[workload]
     size, dirs = run.settings.sizes[size_name], run.dirs(size_name)
@@ -778,9 +800,11 @@ def train_workload(run: Run, workload: str) -> list[dict]:
             pixels = random_pixels(batch, images, size, seed=0)
             labels = ids.masked_fill(torch.isin(ids, torch.tensor(peer.image_prompt)), -100)
             theirs, ours = peer.inputs(ids, pixels), peer.ours_inputs(ids, pixels)
+            ours_loss = functools.partial(peer.ours_loss, ours, labels)
             steps = {
                 "peer": train_step(peer.model, functools.partial(peer.loss, theirs, labels)),
-                "interleaf": train_step(peer.ours, functools.partial(peer.ours_loss, ours, labels)),
+                "interleaf": train_step(peer.ours, ours_loss),
+                "in backward": train_step_in_backward(peer.ours, ours_loss),
             }
             first = warm_up(steps)  # the first step, from the same weights on both sides
             gap = abs(first["peer"] - first["interleaf"]) / abs(first["peer"])
@@ -807,6 +831,9 @@ def train_workload(run: Run, workload: str) -> list[dict]:
                     "interleaf_share_of_matmul_peak": flops / seconds["interleaf"] / peak_flops,
                     "peak_mib_peer": peaks["peer"],
                     "peak_mib_interleaf": peaks["interleaf"],
+                    "in_backward_s": seconds["in backward"],
+                    "in_backward_faster_by": seconds["peer"] / seconds["in backward"],
+                    "peak_mib_in_backward": peaks["in backward"],
                 }
             )
     table(
@@ -830,6 +857,9 @@ def train_workload(run: Run, workload: str) -> list[dict]:
                 lambda r: flop_rate(r["interleaf_flop_per_s"], r["interleaf_share_of_matmul_peak"]),
             ),
             ("peak MiB (peer / interleaf)", lambda r: f"{r['peak_mib_peer']:.0f} / {r['peak_mib_interleaf']:.0f}"),
+            ("in_backward s", lambda r: f"{r['in_backward_s']:.4f}"),
+            ("in_backward faster by", lambda r: f"{r['in_backward_faster_by']:.2f}x"),
+            ("in_backward peak MiB", lambda r: f"{r['peak_mib_in_backward']:.0f}"),
         ],
     )
     return rows

@@ -39,6 +39,49 @@ def test_loss_falls_and_frozen_weights_stay(backbones, make_model, shards, tmp_p
     assert (result["final"] / "model.safetensors").exists() and (result["final"] / "processor_config.json").exists()
 
 
+def test_in_backward_steps_as_the_optimizer_would_after_it(backbones, make_model, shards, tmp_path, monkeypatch):
+    """optim.in_backward: every weight stepped during the backward pass, as soon as its gradient is
+    complete, with only that gradient alive; a full fine-tune's losses and weights are bit-identical
+    to stepping after the backward (the same AdamW arithmetic on the same gradients), and the model
+    handed back steps nothing on its own."""
+    from interleaf.config import TrainableConfig
+    from interleaf.train.config import OptimConfig
+
+    def run(out, in_backward, model):
+        optim = {"grad_clip": 0.0, "accumulation": 1, "in_backward": in_backward, "weight_decay": 0.1}
+        return model, train(recipe(backbones, shards, out, steps=4, optim=optim), model=model)
+
+    full = TrainableConfig(lm=True, new_token_embeddings=True)
+    make_model()  # the backbones are built (drawing random numbers) before the two models
+    plain_model, plain = run(tmp_path / "plain", False, make_model(trainable=full))
+    model = make_model(trainable=full)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    alive = []
+    step = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        alive.append(sum(p.grad is not None for p in trained))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    model, result = run(tmp_path / "in-backward", True, model)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert len(alive) == 4 * len(trained) and set(alive) == {1}  # one step per weight, one gradient alive
+    assert result["losses"] == plain["losses"]
+    for (name, a), b in zip(model.named_parameters(), plain_model.parameters()):
+        assert torch.equal(a, b), name
+    assert all(p.grad is None for p in trained)
+    before = [p.detach().clone() for p in trained]
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model(ids, labels=ids).loss.backward()  # the hooks are gone: a gradient, no step
+    assert all(torch.equal(p, q) for p, q in zip(trained, before)) and any(p.grad is not None for p in trained)
+
+    with pytest.raises(ValueError, match="no global gradient norm to clip: set optim.grad_clip: 0"):
+        OptimConfig(in_backward=True)
+    with pytest.raises(ValueError, match="set optim.accumulation: 1 \\(it is 2\\)"):
+        OptimConfig(in_backward=True, grad_clip=0, accumulation=2)
+
+
 def run_interrupted(backbones, make_model, shards, out_dir, stop_at: int, **train_kw):
     """Train to 12 steps, killed by SIGTERM at step ``stop_at``; returns the first call's result."""
     rec = recipe(backbones, shards, out_dir, steps=12, **train_kw)

@@ -55,6 +55,9 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_ratio: float = 0.1
+    # step each weight as soon as its gradient is complete, then free that gradient: a step never
+    # holds every gradient at once (single process; no clipping, no accumulation)
+    in_backward: bool = False
 
     def __post_init__(self):
         _validate(self, ("accumulation",), ("warmup_steps",))
@@ -65,6 +68,16 @@ class OptimConfig:
         _check(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
         if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.in_backward and self.grad_clip > 0:
+            raise ValueError(
+                f"optim.in_backward steps each weight as soon as its gradient is ready, so there is no global "
+                f"gradient norm to clip: set optim.grad_clip: 0 (it is {self.grad_clip})"
+            )
+        if self.in_backward and self.accumulation != 1:
+            raise ValueError(
+                f"optim.in_backward steps the weights during each backward pass, so it cannot accumulate "
+                f"micro-batches: set optim.accumulation: 1 (it is {self.accumulation})"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

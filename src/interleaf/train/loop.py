@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from interleaf.data.collate import Collator
 from interleaf.data.shards import ShardStream, expand
 from interleaf.data.stream import BatchStream, Loader, Mixture
-from interleaf.eval.harness import EvalConfig, evaluate
+from interleaf.eval.harness import EvalConfig, batch_to, evaluate
 from interleaf.eval.tasks import load_task
 from interleaf.extras import MissingExtra, require
 from interleaf.model.checkpoint import save_flamingo, unique_state_dict
@@ -49,7 +49,7 @@ from interleaf.processing import Processor
 from interleaf.train import checkpoints, parallel
 from interleaf.train.config import DataConfig, EvalTaskConfig, Recipe
 from interleaf.train.features import FeatureCache, feature_cache
-from interleaf.train.optim import build_optimizer, build_schedule
+from interleaf.train.optim import build_optimizer, build_schedule, step_in_backward
 
 METRICS = "metrics.jsonl"
 
@@ -339,6 +339,11 @@ def _feature_cache(model: Flamingo, directory: str):
 
 def _run(recipe: Recipe, d: parallel.Dist, model, processor, loader, tasks) -> dict[str, Any]:
     cfg = recipe.train
+    if recipe.optim.in_backward and d.kind != "none":
+        raise ValueError(
+            f"optim.in_backward steps each weight during the backward pass, before {d.kind} has synchronised "
+            "its gradient: it runs in a single process only (train.parallel: none)"
+        )
     wrapped = parallel.wrap(model, d, cfg)
     optimizer = build_optimizer(model, recipe.optim)
     if d.kind == "deepspeed":
@@ -347,6 +352,7 @@ def _run(recipe: Recipe, d: parallel.Dist, model, processor, loader, tasks) -> d
     schedule = build_schedule(optimizer, recipe.optim, cfg.steps)
     run = Run(recipe, model, loader, optimizer, schedule, d, wrapped, processor)
     resume(run)
+    hooks = step_in_backward(optimizer) if recipe.optim.in_backward else []
     loggers = Loggers(recipe, d.main)
     stop = StopSignal()
     try:
@@ -354,6 +360,8 @@ def _run(recipe: Recipe, d: parallel.Dist, model, processor, loader, tasks) -> d
             last = loop(run, stop, loggers, tasks)
     finally:
         loggers.close()
+        for hook in hooks:  # the model handed back steps nothing on its own
+            hook.remove()
     stopped = parallel.any_rank(stop.received is not None, d)
     final = None if stopped else export(run, Path(cfg.out_dir) / "final")
     return {"step": run.step, "losses": run.losses, "stopped": stopped, "checkpoint": last, "final": final}
@@ -437,7 +445,7 @@ def train_step(run: Run, batches) -> tuple[float, int]:
     size): N accumulated micro-batches give the gradient of one batch N times the size.
     """
     ocfg, tcfg, d = run.recipe.optim, run.recipe.train, run.dist
-    micro_batches = [{k: v.to(d.device) for k, v in next(batches).items()} for _ in range(ocfg.accumulation)]
+    micro_batches = [batch_to(next(batches), d.device) for _ in range(ocfg.accumulation)]
     counts = [(batch["labels"][:, 1:] != IGNORE_INDEX).sum().float() for batch in micro_batches]
     total = torch.stack(counts).sum()
     total = (parallel.sum_all(total) if d.distributed else total).clamp(min=1)
@@ -462,7 +470,7 @@ def train_step(run: Run, batches) -> tuple[float, int]:
                 scaled.backward()
         step_loss += loss.detach().float() * count / total
         tokens += int(batch["attention_mask"].sum())
-    if d.kind != "deepspeed":
+    if d.kind != "deepspeed" and not ocfg.in_backward:  # in_backward: each weight already stepped
         if ocfg.grad_clip > 0:
             params = [p for p in run.model.parameters() if p.requires_grad]
             parallel.clip_grad_norm(params, ocfg.grad_clip)

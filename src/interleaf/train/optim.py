@@ -42,6 +42,32 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+def step_in_backward(optimizer: torch.optim.Optimizer) -> list[torch.utils.hooks.RemovableHandle]:
+    """``optim.in_backward``: from now on, each backward pass steps ``optimizer`` on each of its
+    parameters as soon as that parameter's gradient is complete, then frees the gradient; the
+    step's gradients never all exist at once (a full fine-tune's peak memory falls by about one
+    copy of the trained weights). When a parameter's gradient is complete, it is the only one
+    with a gradient (the earlier ones were stepped and freed, the later ones not yet computed);
+    the optimiser's own ``step`` updates it, shown that parameter alone: the same AdamW, the same
+    state and schedule, the same arithmetic as a step after the backward. Returns the hooks' handles
+    (``handle.remove()`` them when training ends)."""
+
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+    def hook(param: torch.Tensor) -> None:
+        groups = optimizer.param_groups
+        # the step sees this parameter alone (its group's settings, at this moment's learning
+        # rate): what it would update anyway, without a scan of every parameter per call
+        optimizer.param_groups = [{**group_of[id(param)], "params": [param]}]
+        try:
+            optimizer.step()
+        finally:
+            optimizer.param_groups = groups
+        param.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for group in optimizer.param_groups for p in group["params"]]
+
+
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based): linear warmup to 1, then
     constant, or a linear or cosine decay that reaches ``min_lr_ratio`` at ``total_steps``."""
